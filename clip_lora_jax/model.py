@@ -1,0 +1,345 @@
+"""CLIP in Flax: the two towers as linen modules and pure functions over parameter pytrees.
+
+The layout follows OpenAI's CLIP (and `transformers.CLIPModel`, which is numerically the same):
+
+* vision: conv patch embedding (no bias), class token, learned positions, `ln_pre`, pre-norm
+  residual blocks, `ln_post` on the class token, linear projection without bias;
+* text: token and position embeddings, causal pre-norm blocks, `ln_final`, pooled at the
+  end-of-text token (OpenAI's rule: the position of the largest token id, since the end token
+  49407 is the largest id of the vocabulary), linear projection without bias.
+
+Every attention projection (`q`, `k`, `v`, `o`) is a `Dense` that also reads an optional
+low-rank pair `{'a': (in, r), 'b': (r, out)}` from the `'lora'` variable collection at the same
+path as its parameters. The low-rank branch is computed as `((dropout(x) @ a) @ b) * scale`,
+never as a dense `a @ b` update, so training backpropagates through two thin matrices only.
+The base parameters and the low-rank pairs are two separate pytrees: see `clip_lora_jax.lora`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_lora_jax.errors import UserError
+
+Params = Mapping[str, Any]
+LORA_COLLECTION = "lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """Shape of the vision tower (a ViT)."""
+  width: int
+  layers: int
+  heads: int
+  mlp_dim: int
+  image_size: int
+  patch_size: int
+
+  @property
+  def num_positions(self) -> int:
+    """Patches plus the class token."""
+    return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Shape of the text tower (a causal transformer)."""
+  width: int
+  layers: int
+  heads: int
+  mlp_dim: int
+  vocab_size: int = 49408
+  context_length: int = 77
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """A CLIP architecture. `name` identifies the base model (used to match adapters to bases)."""
+  embed_dim: int
+  vision: VisionConfig
+  text: TextConfig
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  name: str = ""
+
+  def tower(self, tower: str) -> VisionConfig | TextConfig:
+    """The config of tower `'vision'` or `'text'`."""
+    return {"vision": self.vision, "text": self.text}[tower]
+
+
+def _openai_config(name: str, embed_dim: int, vision: VisionConfig, text_width: int,
+                   text_heads: int) -> CLIPConfig:
+  text = TextConfig(width=text_width, layers=12, heads=text_heads, mlp_dim=4 * text_width)
+  return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, name=name)
+
+
+ARCHITECTURES: dict[str, CLIPConfig] = {
+    "ViT-B/32": _openai_config("ViT-B/32", 512, VisionConfig(768, 12, 12, 3072, 224, 32), 512, 8),
+    "ViT-B/16": _openai_config("ViT-B/16", 512, VisionConfig(768, 12, 12, 3072, 224, 16), 512, 8),
+    "ViT-L/14": _openai_config("ViT-L/14", 768, VisionConfig(1024, 24, 16, 4096, 224, 14), 768,
+                               12),
+    "ViT-L/14-336": _openai_config("ViT-L/14-336", 768, VisionConfig(1024, 24, 16, 4096, 336, 14),
+                                   768, 12),
+    # Random-weight test models: the real vocabulary, so the real tokenizer drives them.
+    "tiny": CLIPConfig(embed_dim=32, vision=VisionConfig(64, 2, 4, 128, 32, 8),
+                       text=TextConfig(48, 2, 4, 96), name="tiny"),
+    "tiny-12": CLIPConfig(embed_dim=32, vision=VisionConfig(64, 12, 4, 128, 32, 16),
+                          text=TextConfig(48, 12, 4, 96), name="tiny-12"),
+}
+
+
+def get_config(name: str) -> CLIPConfig:
+  """A named architecture (`ViT-B/32`, `ViT-B/16`, `ViT-L/14`, `ViT-L/14-336`, `tiny`, `tiny-12`)."""
+  if name not in ARCHITECTURES:
+    raise UserError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+  return ARCHITECTURES[name]
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """How the towers run (not what they are): low-rank scale and dropout, compute dtype, remat."""
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  lora_scale: float = 1.0
+  lora_dropout: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+
+class Dense(nn.Module):
+  """`x @ kernel + bias`, plus `((dropout(x) @ a) @ b) * lora_scale` when a low-rank pair exists.
+
+  The pair lives in the `'lora'` collection under this module's path, so base parameters and
+  adapters stay separate pytrees and gradients can be taken with respect to the adapter alone.
+  """
+  features: int
+  use_bias: bool = True
+  runtime: Runtime = Runtime()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    dtype = self.runtime.dtype
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+    if self.has_variable(LORA_COLLECTION, "a"):
+      a = self.get_variable(LORA_COLLECTION, "a")
+      b = self.get_variable(LORA_COLLECTION, "b")
+      h = nn.Dropout(self.runtime.lora_dropout)(x, deterministic=deterministic)
+      low_rank = jnp.dot(jnp.dot(h.astype(dtype), a.astype(dtype)), b.astype(dtype))
+      y = y + low_rank * self.runtime.lora_scale
+    return y
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with separate q, k, v, o projections (all with bias)."""
+  heads: int
+  causal: bool
+  runtime: Runtime
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    width = x.shape[-1]
+    head_dim = width // self.heads
+    project = lambda name, t: Dense(width, runtime=self.runtime, name=name)(t, deterministic)
+    split = lambda t: t.reshape(*t.shape[:-1], self.heads, head_dim)
+    q, k, v = (split(project(name, x)) for name in ("q", "k", "v"))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+    return project("o", out.reshape(*x.shape[:-1], width))
+
+
+class ResidualBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  heads: int
+  mlp_dim: int
+  causal: bool
+  runtime: Runtime
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    rt = self.runtime
+    norm = lambda name: nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name=name)
+    x = x + Attention(self.heads, self.causal, rt, name="attn")(norm("ln_1")(x), deterministic)
+    return x + Mlp(self.mlp_dim, rt, name="mlp")(norm("ln_2")(x))
+
+
+class Mlp(nn.Module):
+  """fc2(activation(fc1(x)))."""
+  hidden: int
+  runtime: Runtime
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = Dense(self.hidden, runtime=self.runtime, name="fc1")(x)
+    return Dense(x.shape[-1], runtime=self.runtime, name="fc2")(ACTIVATIONS[self.runtime.activation](h))
+
+
+def _run_blocks(x: jax.Array, tower: VisionConfig | TextConfig, rt: Runtime, causal: bool,
+                deterministic: bool) -> jax.Array:
+  """Residual blocks `layers_0 .. layers_{L-1}`, created in the calling module's scope."""
+  block = nn.remat(ResidualBlock, static_argnums=(2,)) if rt.remat else ResidualBlock
+  for i in range(tower.layers):
+    x = block(tower.heads, tower.mlp_dim, causal, rt, name=f"layers_{i}")(x, deterministic)
+  return x
+
+
+class VisionTower(nn.Module):
+  """Patch embedding, class token, positions, ln_pre, blocks, ln_post on the class token."""
+  config: VisionConfig
+  runtime: Runtime
+
+  @nn.compact
+  def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    cfg, rt = self.config, self.runtime
+    if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+      raise ValueError(f"images of shape {images.shape[1:]} given to a vision tower that takes "
+                       f"({cfg.image_size}, {cfg.image_size}, 3)")
+    p = cfg.patch_size
+    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                dtype=rt.dtype, name="patch_embedding")(images.astype(rt.dtype))
+    x = x.reshape(x.shape[0], -1, cfg.width)
+    cls = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.width,))
+    pos = self.param("position_embedding", nn.initializers.normal(0.01),
+                     (cfg.num_positions, cfg.width))
+    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.width))
+    x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    x = nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_pre")(x)
+    x = _run_blocks(x, cfg, rt, causal=False, deterministic=deterministic)
+    return nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_post")(x[:, 0])
+
+
+class TextTower(nn.Module):
+  """Token and position embeddings, causal blocks, ln_final, pooled at the end-of-text token.
+
+  Accepts any context T <= context_length: the encoder is causal and pools at the end token, so
+  ids cut after the longest prompt's end token give exactly the same output as the full 77.
+  """
+  config: TextConfig
+  runtime: Runtime
+
+  @nn.compact
+  def __call__(self, token_ids: jax.Array, deterministic: bool = True) -> jax.Array:
+    cfg, rt = self.config, self.runtime
+    length = token_ids.shape[-1]
+    if length > cfg.context_length:
+      raise ValueError(f"token ids of length {length} exceed the context {cfg.context_length}")
+    x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(0.02),
+                 name="token_embedding")(token_ids).astype(rt.dtype)
+    pos = self.param("position_embedding", nn.initializers.normal(0.01),
+                     (cfg.context_length, cfg.width))
+    x = x + pos[:length].astype(rt.dtype)
+    x = _run_blocks(x, cfg, rt, causal=True, deterministic=deterministic)
+    x = nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_final")(x)
+    end = jnp.argmax(token_ids, axis=-1)
+    return jnp.take_along_axis(x, end[:, None, None], axis=1)[:, 0]
+
+
+class CLIP(nn.Module):
+  """Both towers. Top-level parameters: `vision`, `text`, `visual_projection`,
+  `text_projection`, and `logit_scale` (the log of the scale, 0-d, as in OpenAI's weights)."""
+  config: CLIPConfig
+  lora_scale: float = 1.0
+  lora_dropout: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    cfg = self.config
+    rt = Runtime(cfg.activation, cfg.layer_norm_eps, self.lora_scale, self.lora_dropout,
+                 self.dtype, self.remat)
+    self.vision = VisionTower(cfg.vision, rt)
+    self.text = TextTower(cfg.text, rt)
+    self.visual_projection = Dense(cfg.embed_dim, use_bias=False, runtime=rt)
+    self.text_projection = Dense(cfg.embed_dim, use_bias=False, runtime=rt)
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
+
+  def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    """(B, H, W, 3) CLIP-normalised images -> (B, embed_dim) unnormalised float32 embeddings."""
+    return self.visual_projection(self.vision(images, deterministic)).astype(jnp.float32)
+
+  def encode_text(self, token_ids: jax.Array, deterministic: bool = True) -> jax.Array:
+    """(N, T) token ids, T <= context_length -> (N, embed_dim) unnormalised float32 embeddings."""
+    return self.text_projection(self.text(token_ids, deterministic)).astype(jnp.float32)
+
+  def __call__(self, images: jax.Array, token_ids: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    """Image-text logits exp(logit_scale) * cos(image, text), shape (B, N)."""
+    return cosine_logits(self.encode_image(images, deterministic),
+                         self.encode_text(token_ids, deterministic), jnp.exp(self.logit_scale))
+
+
+def normalize(x: jax.Array) -> jax.Array:
+  """L2-normalises the last axis."""
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def cosine_logits(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array | float) -> jax.Array:
+  """scale * cos(image_i, text_j) for every pair: shape (B, N)."""
+  return scale * normalize(image_emb) @ normalize(text_emb).T
+
+
+def init_params(rng: jax.Array, config: CLIPConfig) -> Params:
+  """Random base parameters for `config` (for tests and benchmarks; real runs load weights)."""
+  images = jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3), jnp.float32)
+  token_ids = jnp.zeros((1, config.text.context_length), jnp.int32)
+  return CLIP(config).init(rng, images, token_ids)["params"]
+
+
+def _variables(params: Params, lora: Params | None) -> dict:
+  return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
+
+
+def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
+                  lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
+                  dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
+                  remat: bool = False) -> jax.Array:
+  """Image embeddings (unnormalised). Dropout on the low-rank branch runs iff `dropout_rng`."""
+  model = CLIP(config, lora_scale, lora_dropout, dtype, remat)
+  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+  return model.apply(_variables(params, lora), images, dropout_rng is None,
+                     method=CLIP.encode_image, rngs=rngs)
+
+
+def encode_texts(params: Params, token_ids: jax.Array, config: CLIPConfig, *,
+                 lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
+                 dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
+                 remat: bool = False, chunk_size: int | None = None) -> jax.Array:
+  """Text embeddings (unnormalised) of (N, T) token ids.
+
+  With `chunk_size`, the N prompts run through the tower `chunk_size` at a time inside one
+  compiled loop (`lax.map`), so tens of thousands of prompts fit in memory in one call.
+  """
+  model = CLIP(config, lora_scale, lora_dropout, dtype, remat)
+  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+  encode = lambda ids: model.apply(_variables(params, lora), ids, dropout_rng is None,
+                                   method=CLIP.encode_text, rngs=rngs)
+  n = token_ids.shape[0]
+  if chunk_size is None or n <= chunk_size:
+    return encode(token_ids)
+  padded = -(-n // chunk_size) * chunk_size
+  ids = jnp.pad(token_ids, ((0, padded - n), (0, 0)))
+  chunks = ids.reshape(padded // chunk_size, chunk_size, ids.shape[-1])
+  return jax.lax.map(encode, chunks).reshape(padded, -1)[:n]
+
+
+def logits(params: Params, images: jax.Array, token_ids: jax.Array, config: CLIPConfig,
+           lora: Params | None = None, lora_scale: float = 1.0) -> jax.Array:
+  """exp(logit_scale) * cos(image, text) for every image-prompt pair, shape (B, N)."""
+  model = CLIP(config, lora_scale)
+  return model.apply(_variables(params, lora), images, token_ids)
