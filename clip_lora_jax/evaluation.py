@@ -1,0 +1,83 @@
+"""Zero-shot classifiers from class names x templates, and top-1 / top-5 evaluation."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from clip_lora_jax import lora, model
+from clip_lora_jax import base as base_lib
+from clip_lora_jax.tokenizer import Tokenizer
+
+TEXT_CHUNK = 256  # Prompts encoded at once inside the compiled text loop.
+
+
+def prompt_ids(tokenizer: Tokenizer, class_names: Sequence[str],
+               templates: Sequence[str]) -> np.ndarray:
+  """(C, K, T) token ids of every template filled with every class name, trimmed exactly."""
+  prompts = [t.format(name) for name in class_names for t in templates]
+  ids = model.trim_token_ids(tokenizer(prompts))
+  return ids.reshape(len(class_names), len(templates), ids.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def text_classifier(params: model.Params, config: model.CLIPConfig,
+                    ids: jax.Array) -> jax.Array:
+  """(C, K, T) prompt ids -> (C, E) unit class embeddings: the mean of the K normalised prompt
+  embeddings of each class, renormalised (CLIP's template ensemble; K = 1 is one template)."""
+  classes, templates, length = ids.shape
+  emb = model.encode_texts(params, ids.reshape(-1, length), config, chunk_size=TEXT_CHUNK)
+  emb = model.normalize(emb).reshape(classes, templates, -1).mean(axis=1)
+  return model.normalize(emb)
+
+
+def zero_shot_classifier(params: model.Params, config: model.CLIPConfig, tokenizer: Tokenizer,
+                         class_names: Sequence[str], templates: Sequence[str]) -> jax.Array:
+  """Class embeddings of `class_names` under `templates` (e.g. ("a photo of a {}.",))."""
+  return text_classifier(params, config, jnp.asarray(prompt_ids(tokenizer, class_names, templates)))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _batch_counts(params, config, classifier, images, labels, mask):
+  logits = model.normalize(model.encode_images(params, images, config)) @ classifier.T
+  top5 = jax.lax.top_k(logits, min(5, classifier.shape[0]))[1]
+  hit1 = (top5[:, 0] == labels) * mask
+  hit5 = jnp.any(top5 == labels[:, None], axis=-1) * mask
+  return hit1.sum(), hit5.sum(), mask.sum()
+
+
+def evaluate(params: model.Params, config: model.CLIPConfig, classifier: jax.Array,
+             batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
+             progress: bool = True) -> dict[str, float]:
+  """Top-1 / top-5 accuracy (in %) of nearest-class-embedding classification.
+
+  `batches` yield {"image", "label", "mask"}; examples with mask 0 (padding of the last batch)
+  are not counted. `total` (examples) only sizes the progress bar.
+  """
+  hits1 = hits5 = count = 0
+  with tqdm.tqdm(total=total, desc="eval", unit="img", disable=not progress,
+                 dynamic_ncols=True) as bar:
+    for batch in batches:
+      mask = batch.get("mask", np.ones(len(batch["label"]), np.float32))
+      h1, h5, n = _batch_counts(params, config, classifier, batch["image"], batch["label"],
+                                jnp.asarray(mask, jnp.float32))
+      hits1, hits5, count = hits1 + float(h1), hits5 + float(h5), count + int(n)
+      bar.update(int(n))
+  if count == 0:
+    raise ValueError("evaluation got no examples")
+  return {"top1": 100.0 * hits1 / count, "top5": 100.0 * hits5 / count, "count": count}
+
+
+def evaluate_adapter(base: base_lib.BaseModel, lora_params: model.Params,
+                     lora_config: lora.LoRAConfig, class_prompt_ids: np.ndarray,
+                     batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
+                     progress: bool = True) -> dict[str, float]:
+  """Accuracy of the base with an adapter merged in, classes given by (C, T) prompt ids."""
+  merged = lora.merge(base.params, lora_params, lora_config)
+  classifier = text_classifier(merged, base.config, jnp.asarray(class_prompt_ids)[:, None, :])
+  return evaluate(merged, base.config, classifier, batches, total, progress)

@@ -1,0 +1,285 @@
+"""LoRA for CLIP as a separate pytree: config, pure init, pure merge / unmerge, adapter files.
+
+The adapter pytree mirrors the paths of the base parameters it modifies:
+
+    {'vision': {'layers_3': {'attn': {'q': {'a': (in, r), 'b': (r, out)}, ...}}}, 'text': ...}
+
+so the model reads it as the `'lora'` variable collection (see `clip_lora_jax.model.Dense`) and
+`merge` folds `scale * a @ b` into the kernel at the same path. Defaults are those of the
+CLIP-LoRA reference code (Zanella & Ben Ayed, 2024): q, k, v of both towers in every layer,
+rank 2, alpha 1, scale alpha / sqrt(rank), dropout 0.25 on the input of the low-rank branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from clip_lora_jax.errors import UserError
+from clip_lora_jax.model import CLIPConfig, Params, config_from_dict
+
+TOWERS = ("vision", "text")
+ENCODERS = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}
+MATRICES = ("q", "k", "v", "o")
+SCALINGS = ("sqrt", "linear")
+# Named layer sets of the reference code, for 12-layer towers.
+LAYER_SETS_12 = {
+    "all": tuple(range(12)), "bottom": (0, 1, 2, 3), "mid": (4, 5, 6, 7), "up": (8, 9, 10, 11),
+    "half-bottom": tuple(range(6)), "half-up": tuple(range(6, 12)), "top": (11,),
+    "top3": (9, 10, 11),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Where the low-rank updates go and how they are scaled.
+
+  encoders: 'vision', 'text' or 'both'. matrices: a subset of q, k, v, o. layers: 'all', a
+  named set of the reference (bottom, mid, up, half-bottom, half-up, top, top3) or explicit
+  layer indices. scaling: 'sqrt' gives alpha / sqrt(rank) (the reference), 'linear' alpha / rank.
+  """
+  encoders: str = "both"
+  matrices: tuple[str, ...] = ("q", "k", "v")
+  layers: str | tuple[int, ...] = "all"
+  rank: int = 2
+  alpha: float = 1.0
+  scaling: str = "sqrt"
+  dropout: float = 0.25
+
+  def __post_init__(self):
+    if self.encoders not in ENCODERS:
+      raise UserError(f"lora.encoders={self.encoders!r}: use one of {', '.join(ENCODERS)}")
+    bad = [m for m in self.matrices if m not in MATRICES]
+    if bad or not self.matrices:
+      raise UserError(f"lora.matrices={self.matrices!r}: use a non-empty subset of "
+                      f"{', '.join(MATRICES)}")
+    if self.rank <= 0:
+      raise UserError(f"lora.rank={self.rank}: the rank must be a positive integer")
+    if self.scaling not in SCALINGS:
+      raise UserError(f"lora.scaling={self.scaling!r}: use 'sqrt' (alpha/sqrt(r)) or 'linear' "
+                      "(alpha/r)")
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f"lora.dropout={self.dropout}: must be in [0, 1)")
+    if isinstance(self.layers, str) and self.layers not in LAYER_SETS_12:
+      raise UserError(f"lora.layers={self.layers!r}: use one of {', '.join(LAYER_SETS_12)} or a "
+                      "list of layer indices")
+
+  @property
+  def scale(self) -> float:
+    """The factor multiplying (x @ a) @ b."""
+    return self.alpha / (math.sqrt(self.rank) if self.scaling == "sqrt" else self.rank)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+    """From a plain dict (a config section or an adapter file's metadata); lists become tuples."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise UserError(f"unknown LoRA option(s) {sorted(unknown)}; known: "
+                      f"{[f.name for f in dataclasses.fields(cls)]}")
+    for key in ("matrices", "layers"):
+      if isinstance(d.get(key), (list, tuple)):
+        d[key] = tuple(d[key])
+    if isinstance(d.get("matrices"), str):
+      d["matrices"] = tuple(m.strip() for m in d["matrices"].split(",") if m.strip())
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def layer_indices(layers: str | Sequence[int], depth: int) -> tuple[int, ...]:
+  """The layer indices a layer spec selects in a tower of `depth` blocks.
+
+  The reference defines every named set for 12-layer towers; for other depths (ViT-L/14's 24
+  vision layers) it defines 'all', 'half-bottom' and 'half-up' only, and so do we.
+  """
+  if not isinstance(layers, str):
+    indices = tuple(int(i) for i in layers)
+    bad = [i for i in indices if not 0 <= i < depth]
+    if bad or not indices:
+      raise UserError(f"lora.layers={tuple(layers)}: indices must be in [0, {depth - 1}] for a "
+                      f"{depth}-layer tower")
+    return tuple(sorted(set(indices)))
+  if depth == 12:
+    return LAYER_SETS_12[layers]
+  general = {"all": tuple(range(depth)), "half-bottom": tuple(range(depth // 2)),
+             "half-up": tuple(range(depth // 2, depth))}
+  if layers not in general:
+    raise UserError(f"lora.layers={layers!r} is defined for 12-layer towers only; for a "
+                    f"{depth}-layer tower use {', '.join(general)} or explicit indices")
+  return general[layers]
+
+
+def targets(model_config: CLIPConfig, lora_config: LoRAConfig) -> list[tuple[str, int, str]]:
+  """(tower, layer, matrix) of every adapted projection, in a fixed order."""
+  return [(tower, layer, matrix)
+          for tower in ENCODERS[lora_config.encoders]
+          for layer in layer_indices(lora_config.layers, model_config.tower(tower).layers)
+          for matrix in lora_config.matrices]
+
+
+def init(rng: jax.Array, model_config: CLIPConfig, lora_config: LoRAConfig) -> Params:
+  """A fresh adapter: a ~ kaiming-uniform(a=sqrt(5)) as torch's Linear, b = 0.
+
+  torch's kaiming-uniform with a = sqrt(5) on a (rank, in) weight is U(-1/sqrt(in), 1/sqrt(in)).
+  With b = 0 the adapted model is exactly the base model.
+  """
+  lora: dict = {}
+  keys = jax.random.split(rng, len(targets(model_config, lora_config)))
+  for key, (tower, layer, matrix) in zip(keys, targets(model_config, lora_config)):
+    width = model_config.tower(tower).width
+    bound = 1.0 / math.sqrt(width)
+    pair = {"a": jax.random.uniform(key, (width, lora_config.rank), jnp.float32, -bound, bound),
+            "b": jnp.zeros((lora_config.rank, width), jnp.float32)}
+    lora.setdefault(tower, {}).setdefault(f"layers_{layer}", {}).setdefault("attn", {})[matrix] = pair
+  return lora
+
+
+def _fold(params: Params, lora: Params, scale: float) -> Params:
+  """params with `scale * a @ b` added to the kernel at the path of every pair in `lora`."""
+  def visit(p, l):
+    if "a" in l and "b" in l:
+      delta = (l["a"].astype(jnp.float32) @ l["b"].astype(jnp.float32)) * scale
+      return {**p, "kernel": (p["kernel"] + delta.astype(p["kernel"].dtype))}
+    missing = set(l) - set(p)
+    if missing:
+      raise UserError(f"the adapter has entries {sorted(missing)} that the base model lacks: it "
+                      "was made for another architecture")
+    return {**p, **{k: visit(p[k], v) for k, v in l.items()}}
+  return visit(params, lora)
+
+
+def merge(params: Params, lora: Params, lora_config: LoRAConfig) -> Params:
+  """Base params with the scaled low-rank updates folded into the kernels (plain-CLIP cost)."""
+  return _fold(params, lora, lora_config.scale)
+
+
+def unmerge(params: Params, lora: Params, lora_config: LoRAConfig) -> Params:
+  """The inverse of `merge` (up to float rounding)."""
+  return _fold(params, lora, -lora_config.scale)
+
+
+def num_parameters(lora: Params) -> int:
+  """Trainable parameter count of an adapter."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora))
+
+
+def base_fingerprint(params: Params) -> str:
+  """A short hash of the base weights (both projections), to tell bases of one architecture apart."""
+  digest = hashlib.sha256()
+  for name in ("visual_projection", "text_projection"):
+    digest.update(np.asarray(params[name]["kernel"], np.float32).tobytes())
+  return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """An adapter with what it takes to apply it: its config and the identity of its base."""
+  lora: Params
+  config: LoRAConfig
+  base_name: str
+  base_config: CLIPConfig
+  base_fingerprint: str
+
+
+def _flatten(tree: Params, prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v, np.float32)
+  return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+  tree: dict = {}
+  for key, value in flat.items():
+    *path, leaf = key.split(".")
+    node = tree
+    for part in path:
+      node = node.setdefault(part, {})
+    node[leaf] = jnp.asarray(value)
+  return tree
+
+
+def save_adapter(path: str, adapter: Adapter) -> None:
+  """Writes the adapter as one safetensors file (metadata: LoRA config and base identity).
+
+  Written to a temporary file in the same directory, then renamed: never half-written.
+  """
+  metadata = {
+      "format": "clip_lora_jax.lora/1",
+      "lora_config": json.dumps(adapter.config.to_dict()),
+      "base_name": adapter.base_name,
+      "base_config": json.dumps(dataclasses.asdict(adapter.base_config)),
+      "base_fingerprint": adapter.base_fingerprint,
+  }
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  os.close(fd)
+  try:
+    safetensors.numpy.save_file(_flatten(adapter.lora), tmp, metadata=metadata)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_adapter(path: str) -> Adapter:
+  """Reads an adapter file written by `save_adapter`, checking its shapes against its config."""
+  if not os.path.isfile(path):
+    raise UserError(f"adapter file {path!r} does not exist")
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      metadata = f.metadata() or {}
+      flat = {k: f.get_tensor(k) for k in f.keys()}
+  except Exception as e:  # safetensors raises its own error types for corrupt files
+    raise UserError(f"{path!r} is not a readable safetensors adapter file: {e}") from e
+  if metadata.get("format") != "clip_lora_jax.lora/1":
+    raise UserError(f"{path!r} is not a clip_lora_jax adapter file (no adapter metadata)")
+  config = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
+  base_config = config_from_dict(json.loads(metadata["base_config"]))
+  lora = _unflatten(flat)
+  expected = init(jax.random.key(0), base_config, config)
+  check_matches(lora, expected, what=f"adapter {path!r}")
+  return Adapter(lora, config, metadata["base_name"], base_config, metadata["base_fingerprint"])
+
+
+def check_matches(lora: Params, expected: Params, what: str) -> None:
+  """Raises a UserError naming the first path whose presence or shape differs."""
+  got = {k: v.shape for k, v in _flatten(lora).items()}
+  want = {k: v.shape for k, v in _flatten(expected).items()}
+  for key in sorted(set(got) | set(want)):
+    if got.get(key) != want.get(key):
+      raise UserError(f"{what}: entry {key!r} has shape {got.get(key)} where {want.get(key)} is "
+                      "expected (was it made for another architecture, rank or layer set?)")
+
+
+def check_compatible(adapter: Adapter, base_name: str, base_config: CLIPConfig,
+                     fingerprint: str, lora_config: LoRAConfig | None = None) -> None:
+  """Raises a UserError when `adapter` was not made for this base (or for this LoRA config)."""
+  if adapter.base_config != base_config:
+    raise UserError(f"the adapter was trained on base {adapter.base_name!r} "
+                    f"({adapter.base_config.name or 'custom architecture'}), whose architecture "
+                    f"differs from the loaded base {base_name!r}; load that base instead")
+  if adapter.base_fingerprint != fingerprint:
+    raise UserError(f"the adapter was trained on base {adapter.base_name!r} (fingerprint "
+                    f"{adapter.base_fingerprint}) but the loaded base {base_name!r} has other "
+                    f"weights (fingerprint {fingerprint}); load the base it was trained on")
+  if lora_config is not None and lora_config != adapter.config:
+    raise UserError(f"the adapter's LoRA config {adapter.config} differs from the requested "
+                    f"{lora_config}; drop the lora overrides or use a matching adapter")

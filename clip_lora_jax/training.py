@@ -1,0 +1,257 @@
+"""Few-shot training: optimizer, the jitted train step, and `train_and_evaluate`.
+
+Data flow of `python train.py --config ...`: the config names a base model
+(`base.load_base_model`) and a dataset (`data.get_dataset`, `data.load_few_shot`); a LoRA
+adapter is initialised (`lora.init`); `make_train_step` builds one jitted update with donated
+state whose loss is the cross-entropy of `logit_scale * cos(image, text)` over all class
+prompts; the final adapter is merged into the base (`lora.merge`) and evaluated on the test
+split (`evaluation.evaluate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from clip_lora_jax import base as base_lib
+from clip_lora_jax import checkpoints, data, evaluation, lora, metrics, model
+from clip_lora_jax.errors import UserError
+
+State = dict[str, Any]  # {'step', 'lora', 'opt_state', 'rng'}: all arrays, checkpointed as is.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def lora_config_from(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
+  """The LoRAConfig of a run config (`matrices` may be given as "q,k,v")."""
+  return lora.LoRAConfig.from_dict(config.lora.to_dict())
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """`total_steps` if set, else `iterations_per_shot x shots` (500 x shots in the reference)."""
+  return config.total_steps if config.get("total_steps") else config.iterations_per_shot * config.shots
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for values no run can use (before anything is loaded or written)."""
+  positive = {"shots": config.shots, "batch_size": config.batch_size,
+              "iterations_per_shot": config.iterations_per_shot,
+              "checkpoint_every": config.checkpoint_every, "log_every": config.log_every,
+              "eval_batch_size": config.eval_batch_size, "keep_checkpoints": config.keep_checkpoints}
+  if config.get("total_steps") is not None:
+    positive["total_steps"] = config.total_steps
+  for key, value in positive.items():
+    if value <= 0:
+      raise UserError(f"config.{key}={value}: must be a positive integer")
+  if config.dtype not in DTYPES:
+    raise UserError(f"config.dtype={config.dtype!r}: use one of {', '.join(DTYPES)}")
+  if "{}" not in config.template:
+    raise UserError(f"config.template={config.template!r} has no '{{}}' for the class name")
+  if config.method != "lora":
+    raise UserError(f"config.method={config.method!r}: only 'lora' is implemented")
+  lora_config_from(config)
+
+
+def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+  """Cosine from `learning_rate` to `min_learning_rate` over `steps`, no warm-up: the value at
+  step t is min + (max - min) * (1 + cos(pi t / steps)) / 2, as torch's CosineAnnealingLR."""
+  return optax.cosine_decay_schedule(optimizer.learning_rate, steps,
+                                     alpha=optimizer.min_learning_rate / optimizer.learning_rate)
+
+
+def make_optimizer(optimizer: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
+  """AdamW with decoupled weight decay (torch.optim.AdamW's update) on the schedule above."""
+  return optax.adamw(learning_rate_schedule(optimizer, steps), b1=optimizer.b1, b2=optimizer.b2,
+                     eps=optimizer.eps, weight_decay=optimizer.weight_decay)
+
+
+def classification_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+                        logit_scale: float) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy of logit_scale * cos(image, text) and the batch top-1 accuracy."""
+  logits = model.cosine_logits(image_emb, text_emb, logit_scale)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, (jnp.argmax(logits, -1) == labels).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Everything static about the train step."""
+  model_config: model.CLIPConfig
+  lora_config: lora.LoRAConfig
+  logit_scale: float = 100.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @property
+  def text_trains(self) -> bool:
+    """Whether the text tower carries LoRA (then prompts are re-encoded every step)."""
+    return "text" in lora.ENCODERS[self.lora_config.encoders]
+
+
+def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransformation) -> Callable:
+  """A jitted `(state, base_params, images, labels, text) -> (state, metrics)` with donated state.
+
+  `text` is the (C, T) token ids of the class prompts when the text tower trains (they are
+  encoded with gradients every step), else the (C, E) text embeddings computed once.
+  Gradients are taken with respect to the LoRA pytree only; base params are an argument (not a
+  closure) so they are not baked into the compiled program as constants.
+  """
+  sc = step_config
+  common = dict(lora_scale=sc.lora_config.scale, lora_dropout=sc.lora_config.dropout,
+                dtype=sc.dtype, remat=sc.remat)
+
+  def loss_fn(lora_params, base_params, images, labels, text, rng):
+    image_rng, text_rng = jax.random.split(rng)
+    image_emb = model.encode_images(base_params, images, sc.model_config, lora=lora_params,
+                                    dropout_rng=image_rng, **common)
+    if sc.text_trains:
+      text = model.encode_texts(base_params, text, sc.model_config, lora=lora_params,
+                                dropout_rng=text_rng, **common)
+    return classification_loss(image_emb, text, labels, sc.logit_scale)
+
+  def step(state: State, base_params, images, labels, text):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["lora"], base_params, images, labels, text, rng)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
+    new_state = {**state, "step": state["step"] + 1, "opt_state": opt_state,
+                 "lora": optax.apply_updates(state["lora"], updates)}
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def init_state(seed: int, lora_params: model.Params,
+               optimizer: optax.GradientTransformation) -> State:
+  """The train state at step 0. `rng` is a raw uint32 key: dropout at step t uses fold_in(rng, t)."""
+  return {"step": jnp.zeros((), jnp.int32), "lora": lora_params,
+          "opt_state": optimizer.init(lora_params), "rng": jax.random.PRNGKey(seed)}
+
+
+def class_prompt_ids(base: base_lib.BaseModel, class_names, template: str) -> np.ndarray:
+  """Token ids of `template.format(name)` for every class, cut to the shortest exact context."""
+  return model.trim_token_ids(base.tokenizer([template.format(n) for n in class_names]))
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """orbax manager of the train state under `workdir/checkpoints` (writes are atomic)."""
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def _restore_or(manager: ocp.CheckpointManager, state: State) -> State:
+  """The latest checkpoint if there is one (a resumed run), else `state`."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  return manager.restore(step, args=ocp.args.StandardRestore(state))
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _data_context(config: ml_collections.ConfigDict):
+  """`tfds.testing.mock_data` when the config asks for mock data, else nothing."""
+  if not config.get("mock_data"):
+    return contextlib.nullcontext()
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  return tfds.testing.mock_data(num_examples=config.mock_examples)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains an adapter as `config` says, resuming from `workdir`'s last checkpoint; returns and
+  writes `results.json` (test top-1 / top-5 of the merged model)."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  lora_config = lora_config_from(config)
+  steps = total_steps(config)
+  base = base_lib.load_base_model(config.model, config.random_init, config.seed)
+  spec = data.get_dataset(config.dataset)
+  image_size = base.config.vision.image_size
+  step_config = StepConfig(base.config, lora_config, config.logit_scale, DTYPES[config.dtype],
+                           config.remat)
+  _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+
+  with _data_context(config):
+    few_shot = data.load_few_shot(spec, config.shots, config.seed, data_dir=config.data_dir,
+                                  split_file=config.split_file, cache_dir=config.cache_dir)
+    prompt_ids = class_prompt_ids(base, spec.class_names, config.template)
+    text = jnp.asarray(prompt_ids) if step_config.text_trains else model.encode_texts(
+        base.params, jnp.asarray(prompt_ids), base.config, chunk_size=256)
+
+    optimizer = make_optimizer(config.optimizer, steps)
+    lora_params = lora.init(jax.random.PRNGKey(config.seed), base.config, lora_config)
+    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    state = _restore_or(manager, init_state(config.seed, lora_params, optimizer))
+    start = int(state["step"])
+    train_step = make_train_step(step_config, optimizer)
+    schedule = learning_rate_schedule(config.optimizer, steps)
+    batches = data.train_batches(few_shot, batch_size=config.batch_size, image_size=image_size,
+                                 seed=config.seed, start_step=start)
+
+    with metrics.MetricWriter(workdir) as writer:
+      progress = tqdm.tqdm(total=steps, initial=start, desc=f"{spec.name} {config.shots}-shot",
+                           disable=not config.progress, dynamic_ncols=True)
+      window: list[dict[str, jax.Array]] = []
+      tick = time.perf_counter()
+      for step in range(start + 1, steps + 1):
+        batch = next(batches)
+        state, step_metrics = train_step(state, base.params, batch["image"], batch["label"], text)
+        window.append(step_metrics)
+        progress.update(1)
+        if step % config.log_every == 0 or step == steps:
+          summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+          elapsed = time.perf_counter() - tick
+          summary.update(learning_rate=float(schedule(step - 1)),
+                         steps_per_second=len(window) / elapsed)
+          writer.write(step, {f"train/{k}": v for k, v in summary.items()})
+          progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
+          window, tick = [], time.perf_counter()
+        if config.eval_every and step % config.eval_every == 0 and step != steps:
+          val = evaluation.evaluate_adapter(
+              base, state["lora"], lora_config, prompt_ids,
+              data.few_shot_val_batches(few_shot, config.eval_batch_size, image_size),
+              progress=False)
+          writer.write(step, {f"val/{k}": v for k, v in val.items()})
+        if step % config.checkpoint_every == 0 or step == steps:
+          manager.save(step, args=ocp.args.StandardSave(state))
+      progress.close()
+      manager.wait_until_finished()
+
+      adapter = lora.Adapter(jax.device_get(state["lora"]), lora_config, base.name, base.config,
+                             base.fingerprint)
+      lora.save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
+      if config.export_merged:
+        checkpoints.save_hf(os.path.join(workdir, "merged"), base.config,
+                            lora.merge(base.params, adapter.lora, lora_config))
+      test = evaluation.evaluate_adapter(
+          base, adapter.lora, lora_config, prompt_ids,
+          data.eval_batches(spec, "test", batch_size=config.eval_batch_size,
+                            image_size=image_size, data_dir=config.data_dir,
+                            split_file=config.split_file),
+          total=data.num_examples(spec, "test", data_dir=config.data_dir,
+                                  split_file=config.split_file),
+          progress=config.progress)
+      writer.write(steps, {f"test/{k}": v for k, v in test.items()})
+
+  results = {"dataset": spec.name, "shots": config.shots, "seed": config.seed,
+             "model": base.name, "steps": steps, "trainable_parameters":
+             lora.num_parameters(adapter.lora), **{f"test_{k}": v for k, v in test.items()}}
+  _write_json_atomic(os.path.join(workdir, "results.json"), results)
+  return results

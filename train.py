@@ -1,0 +1,34 @@
+"""Few-shot training of CLIP (CLIP-LoRA), driven by an ml_collections config file.
+
+  python train.py --config configs/eurosat_16shot.py --workdir runs/eurosat_16shot
+  python train.py --config configs/fewshot.py:dataset=dtd,shots=4,seed=2 --workdir runs/dtd \\
+      --config.lora.rank=4
+
+The workdir receives `adapter.safetensors`, `results.json`, `metrics.jsonl`, TensorBoard events
+and orbax checkpoints; re-running the same command resumes from the last checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from clip_lora_jax import training
+from clip_lora_jax.errors import exit_on_user_error
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (e.g. configs/fewshot.py:dataset=dtd,shots=4,seed=2); any value "
+    "can be overridden with --config.KEY=VALUE.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  with exit_on_user_error():
+    results = training.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  print(f"test top-1 {results['test_top1']:.2f}%  top-5 {results['test_top5']:.2f}%  "
+        f"({results['test_count']} images) -> {flags.FLAGS.workdir}/results.json")
+
+
+if __name__ == "__main__":
+  app.run(main)
