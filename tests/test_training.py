@@ -1,0 +1,126 @@
+"""Training: the schedule and optimizer against torch, the train step on a separable task."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from clip_lora_jax import lora, model, training
+from configs import fewshot
+from clip_lora_jax.errors import UserError
+
+TINY = model.get_config("tiny")
+
+
+@pytest.mark.parametrize("step", [0, 1, 17, 2000, 3999, 4000, 7999, 8000])
+def test_schedule_is_cosine_to_min_lr(step):
+  config = fewshot.get_config()
+  steps = training.total_steps(config)
+  assert steps == 8000  # 500 x 16 shots.
+  expected = 1e-6 + (2e-4 - 1e-6) * (1 + math.cos(math.pi * step / steps)) / 2
+  assert float(training.learning_rate_schedule(config.optimizer, steps)(step)) == \
+      pytest.approx(expected, rel=1e-5)
+
+
+def test_optimizer_matches_torch_adamw_with_cosine_annealing():
+  """optax AdamW + our schedule == torch.optim.AdamW + CosineAnnealingLR, step for step."""
+  config = fewshot.get_config()
+  steps = 20
+  config.optimizer.learning_rate = 1e-2  # Large enough for the schedule to matter.
+  rng = np.random.default_rng(0)
+  init = rng.normal(size=(6, 3)).astype(np.float32)
+  grads = rng.normal(size=(steps, 6, 3)).astype(np.float32)
+
+  opt = training.make_optimizer(config.optimizer, steps)
+  params = jnp.asarray(init)
+  state = opt.init(params)
+  for g in grads:
+    updates, state = opt.update(jnp.asarray(g), state, params)
+    params = params + updates
+
+  p = torch.nn.Parameter(torch.tensor(init))
+  o = config.optimizer
+  t_opt = torch.optim.AdamW([p], lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
+                            weight_decay=o.weight_decay)
+  sched = torch.optim.lr_scheduler.CosineAnnealingLR(t_opt, steps, eta_min=o.min_learning_rate)
+  for g in grads:
+    p.grad = torch.tensor(g)
+    t_opt.step()
+    sched.step()
+  np.testing.assert_allclose(params, p.detach().numpy(), rtol=0, atol=1e-6)
+
+
+def separable_batch(rng: np.random.Generator, n: int, classes: int):
+  """Images whose class is their mean colour: a task a tiny CLIP can learn in a few steps."""
+  labels = rng.integers(0, classes, n)
+  colours = np.eye(3, dtype=np.float32)[labels % 3] * 2 - 1
+  images = colours[:, None, None, :] + 0.1 * rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+  return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+
+
+@pytest.mark.parametrize("encoders", ["both", "vision"])
+def test_train_steps_lower_the_loss_and_are_deterministic(encoders):
+  config = fewshot.get_config()
+  config.optimizer.learning_rate = 1e-2
+  base = model.init_params(jax.random.key(0), TINY)
+  lora_config = lora.LoRAConfig(encoders=encoders, rank=4, dropout=0.0)
+  step_config = training.StepConfig(TINY, lora_config, logit_scale=100.0)
+  ids = np.zeros((3, 8), np.int32)
+  ids[:, 0], ids[:, 1], ids[:, 2] = 49406, [320, 1125, 539], 49407
+  text = jnp.asarray(ids) if step_config.text_trains else model.encode_texts(base, ids, TINY)
+  optimizer = training.make_optimizer(config.optimizer, 30)
+  images, labels = separable_batch(np.random.default_rng(0), 24, 3)
+
+  def run():
+    state = training.init_state(0, lora.init(jax.random.PRNGKey(0), TINY, lora_config), optimizer)
+    step = training.make_train_step(step_config, optimizer)
+    losses = []
+    for _ in range(30):
+      state, m = step(state, base, images, labels, text)
+      losses.append(float(m["loss"]))
+    return state, losses
+
+  state, losses = run()
+  assert int(state["step"]) == 30
+  assert losses[-1] < 0.5 * losses[0], losses
+  # The frozen parts really are frozen: only LoRA entries are in the state.
+  assert set(state["lora"]) == set(lora.ENCODERS[encoders])
+  state_again, losses_again = run()
+  assert losses == losses_again
+  for x, y in zip(jax.tree.leaves(state["lora"]), jax.tree.leaves(state_again["lora"])):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("shots", 0, "shots"), ("batch_size", -1, "batch_size"), ("dtype", "float16", "dtype"),
+    ("template", "a photo", "template"), ("method", "coop", "method"),
+])
+def test_bad_run_config_is_a_user_error(key, value, message):
+  config = fewshot.get_config()
+  config[key] = value
+  with pytest.raises(UserError, match=message):
+    training.validate(config)
+
+
+def test_bad_lora_section_is_a_user_error():
+  config = fewshot.get_config()
+  config.lora.rank = 0
+  with pytest.raises(UserError, match="rank"):
+    training.validate(config)
+  config = fewshot.get_config()
+  config.lora.layers = "sideways"
+  with pytest.raises(UserError, match="layers"):
+    training.validate(config)
+
+
+def test_config_argument_reaches_every_dataset_shot_and_seed():
+  config = fewshot.get_config("dataset=dtd,shots=4,seed=2")
+  assert (config.dataset, config.shots, config.seed) == ("dtd", 4, 2)
+  assert training.total_steps(config) == 2000
+  with pytest.raises(UserError, match="expected key=value"):
+    fewshot.get_config("datset=dtd")
+  with pytest.raises(UserError, match="not a valid int"):
+    fewshot.get_config("shots=many")
