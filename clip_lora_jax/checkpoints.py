@@ -1,0 +1,504 @@
+"""Import and export of CLIP weights: Hugging Face and OpenAI / OpenCLIP layouts.
+
+Each layout is described once, as a table of entries `source key <-> leaves of our parameter
+pytree` with a named transform (copy, Linear transpose, conv transpose, fused q/k/v split). Import
+and export are the two directions of the same table, so the Hugging Face round trip is the
+identity by construction. Expected shapes come from the model itself (`jax.eval_shape` of
+`model.init_params`), so a checkpoint that does not fit the architecture is reported by key with
+both shapes before anything is converted.
+
+Everything here runs on numpy and safetensors' numpy backend: no torch at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import huggingface_hub
+import jax
+import numpy as np
+import safetensors.numpy
+import transformers
+from flax import traverse_util
+
+from clip_lora_jax import model as model_lib
+from clip_lora_jax import tokenizer as tokenizer_lib
+from clip_lora_jax.errors import UserError
+
+Path = tuple[str, ...]
+State = Mapping[str, np.ndarray]
+
+# Hub checkpoints of the named OpenAI architectures.
+HUB_IDS = {
+    "ViT-B/32": "openai/clip-vit-base-patch32",
+    "ViT-B/16": "openai/clip-vit-base-patch16",
+    "ViT-L/14": "openai/clip-vit-large-patch14",
+    "ViT-L/14-336": "openai/clip-vit-large-patch14-336",
+}
+# What `snapshot_download` fetches of a hub checkpoint: config, weights, tokenizer files.
+HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+ACTIVATIONS = ("quick_gelu", "gelu")
+# Buffers some checkpoints carry that are not weights: HF position ids, OpenAI JIT metadata.
+_IGNORED_HF_KEY = re.compile(r".*\.position_ids$")
+_IGNORED_OPENCLIP_KEYS = frozenset({"input_resolution", "context_length", "vocab_size"})
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout tables.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+  """A source array <-> one or more of our leaves, both directions."""
+  to_ours: Callable[[np.ndarray], list[np.ndarray]]
+  to_source: Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+_TRANSFORMS = {
+    "copy": _Transform(lambda x: [x], lambda xs: xs[0]),
+    # torch Linear (out, in) <-> Flax kernel (in, out).
+    "linear": _Transform(lambda x: [x.T], lambda xs: xs[0].T),
+    # torch conv (O, I, kh, kw) <-> Flax conv kernel (kh, kw, I, O).
+    "conv": _Transform(lambda x: [x.transpose(2, 3, 1, 0)], lambda xs: xs[0].transpose(3, 2, 0, 1)),
+    # torch MultiheadAttention fused in_proj (3W, W) <-> q, k, v kernels (W, W) each.
+    "fused_linear": _Transform(lambda x: [w.T for w in np.split(x, 3)],
+                               lambda xs: np.concatenate([w.T for w in xs])),
+    "fused_bias": _Transform(lambda x: np.split(x, 3), np.concatenate),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One source key, the leaf paths of our pytree it holds, and the transform between them."""
+  key: str
+  paths: tuple[Path, ...]
+  transform: str = "copy"
+
+
+def _norm(path: Path, key: str) -> list[_Entry]:
+  return [_Entry(f"{key}.weight", (path + ("scale",),)), _Entry(f"{key}.bias", (path + ("bias",),))]
+
+
+def _dense(path: Path, key: str) -> list[_Entry]:
+  return [_Entry(f"{key}.weight", (path + ("kernel",),), "linear"),
+          _Entry(f"{key}.bias", (path + ("bias",),))]
+
+
+def _block(path: Path, key: str, names: Mapping[str, str], fused_qkv: bool) -> list[_Entry]:
+  """One residual block; `names` maps our sub-module names to the source's."""
+  entries = [*_norm(path + ("ln_1",), f"{key}.{names['ln_1']}"),
+             *_norm(path + ("ln_2",), f"{key}.{names['ln_2']}"),
+             *_dense(path + ("attn", "o"), f"{key}.{names['o']}"),
+             *_dense(path + ("mlp", "fc1"), f"{key}.{names['fc1']}"),
+             *_dense(path + ("mlp", "fc2"), f"{key}.{names['fc2']}")]
+  if fused_qkv:
+    qkv = [path + ("attn", name) for name in ("q", "k", "v")]
+    entries += [_Entry(f"{key}.attn.in_proj_weight", tuple(p + ("kernel",) for p in qkv), "fused_linear"),
+                _Entry(f"{key}.attn.in_proj_bias", tuple(p + ("bias",) for p in qkv), "fused_bias")]
+  else:
+    for name in ("q", "k", "v"):
+      entries += _dense(path + ("attn", name), f"{key}.self_attn.{name}_proj")
+  return entries
+
+
+_HF_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "o": "self_attn.out_proj",
+             "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_OPENCLIP_BLOCK = {"ln_1": "ln_1", "ln_2": "ln_2", "o": "attn.out_proj",
+                   "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
+
+
+def _hf_layout(cfg: model_lib.CLIPConfig) -> list[_Entry]:
+  """The Hugging Face `CLIPModel` state dict."""
+  blocks = lambda tower, prefix, n: [e for i in range(n) for e in _block(
+      (tower, f"layers_{i}"), f"{prefix}.encoder.layers.{i}", _HF_BLOCK, fused_qkv=False)]
+  return [
+      _Entry("vision_model.embeddings.patch_embedding.weight",
+             (("vision", "patch_embedding", "kernel"),), "conv"),
+      _Entry("vision_model.embeddings.class_embedding", (("vision", "class_embedding"),)),
+      _Entry("vision_model.embeddings.position_embedding.weight", (("vision", "position_embedding"),)),
+      *_norm(("vision", "ln_pre"), "vision_model.pre_layrnorm"),  # sic
+      *blocks("vision", "vision_model", cfg.vision.layers),
+      *_norm(("vision", "ln_post"), "vision_model.post_layernorm"),
+      _Entry("text_model.embeddings.token_embedding.weight", (("text", "token_embedding", "embedding"),)),
+      _Entry("text_model.embeddings.position_embedding.weight", (("text", "position_embedding"),)),
+      *blocks("text", "text_model", cfg.text.layers),
+      *_norm(("text", "ln_final"), "text_model.final_layer_norm"),
+      _Entry("visual_projection.weight", (("visual_projection", "kernel"),), "linear"),
+      _Entry("text_projection.weight", (("text_projection", "kernel"),), "linear"),
+      _Entry("logit_scale", (("logit_scale",),)),
+  ]
+
+
+def _openclip_layout(cfg: model_lib.CLIPConfig) -> list[_Entry]:
+  """The OpenAI CLIP / OpenCLIP state dict (projections are stored in `x @ proj` orientation)."""
+  blocks = lambda tower, prefix, n: [e for i in range(n) for e in _block(
+      (tower, f"layers_{i}"), f"{prefix}transformer.resblocks.{i}", _OPENCLIP_BLOCK, fused_qkv=True)]
+  return [
+      _Entry("visual.conv1.weight", (("vision", "patch_embedding", "kernel"),), "conv"),
+      _Entry("visual.class_embedding", (("vision", "class_embedding"),)),
+      _Entry("visual.positional_embedding", (("vision", "position_embedding"),)),
+      *_norm(("vision", "ln_pre"), "visual.ln_pre"),
+      *blocks("vision", "visual.", cfg.vision.layers),
+      *_norm(("vision", "ln_post"), "visual.ln_post"),
+      _Entry("visual.proj", (("visual_projection", "kernel"),)),
+      _Entry("token_embedding.weight", (("text", "token_embedding", "embedding"),)),
+      _Entry("positional_embedding", (("text", "position_embedding"),)),
+      *blocks("text", "", cfg.text.layers),
+      *_norm(("text", "ln_final"), "ln_final"),
+      _Entry("text_projection", (("text_projection", "kernel"),)),
+      _Entry("logit_scale", (("logit_scale",),)),
+  ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversion with validation.
+
+
+@functools.lru_cache(maxsize=8)
+def param_shapes(cfg: model_lib.CLIPConfig) -> dict[Path, tuple[int, ...]]:
+  """Leaf path -> shape of the model's parameters for `cfg` (traced, nothing allocated)."""
+  abstract = jax.eval_shape(functools.partial(model_lib.init_params, config=cfg), jax.random.key(0))
+  return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract).items()}
+
+
+def _source_shape(entry: _Entry, shapes: Mapping[Path, tuple[int, ...]]) -> tuple[int, ...]:
+  """The shape `entry.key` must have: our leaves' shapes sent through the export transform on
+  zero-copy placeholders."""
+  placeholders = [np.broadcast_to(np.float32(0), shapes[p]) for p in entry.paths]
+  return _TRANSFORMS[entry.transform].to_source(placeholders).shape
+
+
+def _describe(cfg: model_lib.CLIPConfig) -> str:
+  return f"architecture {cfg.name!r}" if cfg.name else "the given architecture"
+
+
+def _check_keys(found: set[str], expected: set[str], what: str, cfg: model_lib.CLIPConfig) -> None:
+  """Raises UserError listing missing and unexpected keys, if any."""
+  missing, unexpected = sorted(expected - found), sorted(found - expected)
+  if not (missing or unexpected):
+    return
+  show = lambda keys: ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
+  problems = ([f"missing keys: {show(missing)}"] if missing else []) + (
+      [f"unexpected keys: {show(unexpected)}"] if unexpected else [])
+  raise UserError(f"{what} does not match {_describe(cfg)}: {'; '.join(problems)}. Check that the "
+                  "checkpoint's layout and config belong to this model.")
+
+
+def _import(state: State, layout: list[_Entry], cfg: model_lib.CLIPConfig, what: str,
+            ignored: Callable[[str], bool]) -> dict:
+  """Validates `state` against `layout` and converts it into our parameter pytree (float32)."""
+  shapes = param_shapes(cfg)
+  _check_keys({k for k in state if not ignored(k)}, {e.key for e in layout}, what, cfg)
+  flat = {}
+  for entry in layout:
+    array = np.asarray(state[entry.key])
+    expected = _source_shape(entry, shapes)
+    if array.shape != expected:
+      raise UserError(f"{what} key {entry.key!r}: expected shape {expected} for "
+                      f"{_describe(cfg)}, found {array.shape}.")
+    leaves = _TRANSFORMS[entry.transform].to_ours(array)
+    flat.update((path, np.array(leaf, np.float32, order="C")) for path, leaf in zip(entry.paths, leaves))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _export(params: Mapping[str, Any], layout: list[_Entry], cfg: model_lib.CLIPConfig) -> dict:
+  """Validates our pytree against `cfg` and converts it into the source layout's state dict."""
+  shapes = param_shapes(cfg)
+  flat = {path: np.asarray(leaf) for path, leaf in traverse_util.flatten_dict(params).items()}
+  join = "/".join
+  _check_keys({join(p) for p in flat}, {join(p) for p in shapes}, "the parameter pytree", cfg)
+  for path, shape in shapes.items():
+    if flat[path].shape != shape:
+      raise UserError(f"parameter {join(path)!r}: expected shape {shape} for {_describe(cfg)}, "
+                      f"found {flat[path].shape}.")
+  return {e.key: np.asarray(_TRANSFORMS[e.transform].to_source([flat[p] for p in e.paths]), order="C")
+          for e in layout}
+
+
+def params_from_hf(state: State, cfg: model_lib.CLIPConfig) -> dict:
+  """Our parameter pytree from a Hugging Face `CLIPModel` state dict (`*.position_ids` ignored)."""
+  return _import(state, _hf_layout(cfg), cfg, "Hugging Face checkpoint",
+                 lambda k: bool(_IGNORED_HF_KEY.match(k)))
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: model_lib.CLIPConfig) -> dict[str, np.ndarray]:
+  """A Hugging Face `CLIPModel` state dict from our parameters (exact inverse of params_from_hf)."""
+  return _export(params, _hf_layout(cfg), cfg)
+
+
+def params_from_openclip(state: State, cfg: model_lib.CLIPConfig) -> dict:
+  """Our parameter pytree from an OpenAI CLIP / OpenCLIP state dict (fused q, k, v are split)."""
+  return _import(state, _openclip_layout(cfg), cfg, "OpenCLIP checkpoint",
+                 lambda k: k in _IGNORED_OPENCLIP_KEYS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs.
+
+
+def _named(cfg: model_lib.CLIPConfig) -> model_lib.CLIPConfig:
+  """`cfg` named after the known architecture it equals, if any."""
+  for name, known in model_lib.ARCHITECTURES.items():
+    if dataclasses.replace(known, name="") == dataclasses.replace(cfg, name=""):
+      return dataclasses.replace(cfg, name=name)
+  return cfg
+
+
+def _activation(act: str, where: str) -> str:
+  if act not in ACTIVATIONS:
+    raise UserError(f"{where}: activation {act!r} is not supported; use one of {ACTIVATIONS}.")
+  return act
+
+
+def config_from_hf(config_dict: Mapping[str, Any]) -> model_lib.CLIPConfig:
+  """Our config from a Hugging Face CLIP `config.json` dict.
+
+  The dict is read by `transformers.CLIPConfig`, so missing keys take transformers' defaults
+  (those of ViT-B/32) and legacy `text_config_dict` / `vision_config_dict` entries are honoured.
+  The result is named after the known architecture it equals (e.g. 'ViT-B/16'), if any.
+  """
+  if config_dict.get("model_type", "clip") != "clip":
+    raise UserError(f"config.json has model_type {config_dict['model_type']!r}; only CLIP "
+                    "checkpoints (model_type 'clip') are supported.")
+  try:
+    hf = transformers.CLIPConfig.from_dict(dict(config_dict))
+  except (ValueError, TypeError, huggingface_hub.errors.StrictDataclassError) as e:
+    raise UserError(f"invalid CLIP config.json: {e}") from e
+  text, vision = hf.text_config, hf.vision_config
+  acts = {_activation(text.hidden_act, "config.json text_config.hidden_act"),
+          _activation(vision.hidden_act, "config.json vision_config.hidden_act")}
+  if len(acts) > 1 or text.layer_norm_eps != vision.layer_norm_eps:
+    raise UserError("config.json: the text and vision towers use different hidden_act or "
+                    "layer_norm_eps; clip_lora_jax needs one value for both.")
+  if vision.num_channels != 3:
+    raise UserError(f"config.json: vision_config.num_channels is {vision.num_channels}; only RGB (3).")
+  image_size, patch_size = (_square(vision, k) for k in ("image_size", "patch_size"))
+  return _named(model_lib.CLIPConfig(
+      embed_dim=hf.projection_dim,
+      vision=model_lib.VisionConfig(width=vision.hidden_size, layers=vision.num_hidden_layers,
+                                    heads=vision.num_attention_heads,
+                                    mlp_dim=vision.intermediate_size, image_size=image_size,
+                                    patch_size=patch_size),
+      text=model_lib.TextConfig(width=text.hidden_size, layers=text.num_hidden_layers,
+                                heads=text.num_attention_heads, mlp_dim=text.intermediate_size,
+                                vocab_size=text.vocab_size,
+                                context_length=text.max_position_embeddings),
+      activation=acts.pop(), layer_norm_eps=float(text.layer_norm_eps)))
+
+
+def _square(vision: transformers.CLIPVisionConfig, key: str) -> int:
+  """An image or patch size that may be written as [h, w]: must be square."""
+  value = getattr(vision, key)
+  sizes = set(value) if isinstance(value, (list, tuple)) else {value}
+  if len(sizes) != 1:
+    raise UserError(f"config.json: vision_config.{key} is {value}; only square sizes are supported.")
+  return int(sizes.pop())
+
+
+def config_to_hf(cfg: model_lib.CLIPConfig) -> dict[str, Any]:
+  """A Hugging Face CLIP `config.json` dict for `cfg` (the inverse of config_from_hf).
+
+  The end token is the largest id (vocab_size - 1) and the start token the one before, as in
+  CLIP's vocabulary, so transformers pools text where we do.
+  """
+  tower = lambda t: {"hidden_size": t.width, "intermediate_size": t.mlp_dim,
+                     "num_attention_heads": t.heads, "num_hidden_layers": t.layers,
+                     "hidden_act": cfg.activation, "layer_norm_eps": cfg.layer_norm_eps,
+                     "projection_dim": cfg.embed_dim}
+  return {
+      "architectures": ["CLIPModel"],
+      "model_type": "clip",
+      "projection_dim": cfg.embed_dim,
+      "text_config": {**tower(cfg.text), "vocab_size": cfg.text.vocab_size,
+                      "max_position_embeddings": cfg.text.context_length,
+                      "bos_token_id": cfg.text.vocab_size - 2,
+                      "eos_token_id": cfg.text.vocab_size - 1},
+      "vision_config": {**tower(cfg.vision), "image_size": cfg.vision.image_size,
+                        "patch_size": cfg.vision.patch_size, "num_channels": 3},
+  }
+
+
+def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_lib.CLIPConfig:
+  """Infers the architecture of an OpenAI CLIP / OpenCLIP state dict from its shapes, as OpenAI's
+  `build_model` does (64-wide attention heads).
+
+  The activation cannot be read from weights: OpenAI's models use quick_gelu, most LAION OpenCLIP
+  models plain gelu (their open_clip_config.json says `"quick_gelu": false`).
+  """
+  def shape(key: str) -> tuple[int, ...]:
+    if key not in state:
+      raise UserError(f"not an OpenAI / OpenCLIP CLIP state dict: key {key!r} is missing (ResNet "
+                      "and custom-text-tower OpenCLIP models are not supported).")
+    return tuple(np.shape(state[key]))
+
+  def layers(prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state
+                if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
+
+  vision_width, _, patch_size, _ = shape("visual.conv1.weight")
+  grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
+  text_width = shape("ln_final.weight")[0]
+  mlp_dim = lambda prefix: shape(f"{prefix}0.mlp.c_fc.weight")[0]
+  return _named(model_lib.CLIPConfig(
+      embed_dim=shape("text_projection")[1],
+      vision=model_lib.VisionConfig(width=vision_width, layers=layers("visual.transformer.resblocks."),
+                                    heads=vision_width // 64,
+                                    mlp_dim=mlp_dim("visual.transformer.resblocks."),
+                                    image_size=grid * patch_size, patch_size=patch_size),
+      text=model_lib.TextConfig(width=text_width, layers=layers("transformer.resblocks."),
+                                heads=text_width // 64, mlp_dim=mlp_dim("transformer.resblocks."),
+                                vocab_size=shape("token_embedding.weight")[0],
+                                context_length=shape("positional_embedding")[0]),
+      activation=_activation(activation, "config_from_openclip")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+def load_pretrained(name_or_path: str, *, openclip_activation: str | None = None
+                    ) -> tuple[model_lib.CLIPConfig, dict]:
+  """Loads a CLIP checkpoint as (config, float32 parameter pytree).
+
+  Args:
+    name_or_path: one of
+      * a named architecture ('ViT-B/32', 'ViT-B/16', 'ViT-L/14', 'ViT-L/14-336'): OpenAI's
+        weights from the Hugging Face hub (see HUB_IDS);
+      * a local directory in Hugging Face layout (`config.json` + `model.safetensors`, or shards
+        listed in `model.safetensors.index.json`);
+      * a Hugging Face hub id such as 'openai/clip-vit-base-patch16' (downloaded into the hub
+        cache, or read from it when HF_HUB_OFFLINE=1);
+      * a single OpenAI / OpenCLIP `.safetensors` file (architecture inferred from the shapes).
+    openclip_activation: for an OpenCLIP file only, 'quick_gelu' or 'gelu'. None: the
+      `model_cfg.quick_gelu` of an `open_clip_config.json` next to the file, else quick_gelu
+      (OpenAI's weights).
+  """
+  if name_or_path in model_lib.ARCHITECTURES and name_or_path not in HUB_IDS:
+    raise UserError(f"architecture {name_or_path!r} has no pretrained weights (it is a test "
+                    "architecture): use clip_lora_jax.model.init_params for random weights.")
+  source = HUB_IDS.get(name_or_path, name_or_path)
+  if os.path.isdir(source):
+    return _load_hf_dir(source)
+  if os.path.isfile(source):
+    return _load_openclip_file(source, openclip_activation)
+  if _HUB_ID.match(source) and not source.startswith("."):
+    return _load_hf_dir(_download(source))
+  known = ", ".join(HUB_IDS)
+  raise UserError(f"checkpoint {name_or_path!r} not found: it is neither an existing directory or "
+                  f"file, nor a hub id (owner/name), nor a named architecture ({known}).")
+
+
+def _download(repo_id: str) -> str:
+  """The local snapshot of hub checkpoint `repo_id` (config, weights and tokenizer files only)."""
+  try:
+    return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES)
+  except (OSError, ValueError) as e:  # offline, no network, unknown or gated repo, bad id
+    raise UserError(
+        f"{repo_id!r} is neither a local path nor a named architecture ({', '.join(HUB_IDS)}), "
+        f"and as a Hugging Face hub id it could not be fetched ({type(e).__name__}: {e}). Without "
+        f"network access, download it on a machine that has one (`hf download {repo_id} --include "
+        '"*.json" --include "*.txt" --include "model*.safetensors" --local-dir DIR`) and pass '
+        "DIR, or point HF_HOME at a hub cache that holds it (HF_HUB_OFFLINE=1 skips the network).") from e
+
+
+def _load_hf_dir(directory: str) -> tuple[model_lib.CLIPConfig, dict]:
+  """(config, params) of a Hugging Face checkpoint directory."""
+  config_path = os.path.join(directory, HF_CONFIG)
+  if not os.path.isfile(config_path):
+    raise UserError(f"{directory!r} has no {HF_CONFIG}: not a Hugging Face checkpoint directory.")
+  try:
+    with open(config_path) as f:
+      cfg = config_from_hf(json.load(f))
+  except json.JSONDecodeError as e:
+    raise UserError(f"{config_path!r} is not valid JSON: {e}") from e
+  return cfg, params_from_hf(_read_hf_weights(directory), cfg)
+
+
+def _read_hf_weights(directory: str) -> dict[str, np.ndarray]:
+  """The tensors of `model.safetensors`, or of all shards of `model.safetensors.index.json`."""
+  single, index = (os.path.join(directory, f) for f in (HF_WEIGHTS, HF_WEIGHTS_INDEX))
+  if os.path.isfile(single):
+    return _read_safetensors(single)
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    return {k: v for shard in shards for k, v in _read_safetensors(os.path.join(directory, shard)).items()}
+  raise UserError(f"{directory!r} has no {HF_WEIGHTS} (nor {HF_WEIGHTS_INDEX}); only safetensors "
+                  "weights are read. Re-save the model with `save_pretrained(dir)` (safetensors is "
+                  "the default) or convert its pytorch_model.bin.")
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    return safetensors.numpy.load_file(path)
+  except (OSError, ValueError, safetensors.SafetensorError) as e:
+    raise UserError(f"could not read safetensors file {path!r}: {e}") from e
+
+
+def _load_openclip_file(path: str, activation: str | None) -> tuple[model_lib.CLIPConfig, dict]:
+  """(config, params) of a single OpenAI / OpenCLIP `.safetensors` file."""
+  if not path.endswith(".safetensors"):
+    raise UserError(f"{path!r}: only .safetensors checkpoint files are read (no pickled torch "
+                    "files); convert it with safetensors.torch.save_file, or pass a Hugging Face "
+                    "checkpoint directory.")
+  state = _read_safetensors(path)
+  cfg = config_from_openclip(state, activation or _openclip_activation(os.path.dirname(path)))
+  return cfg, params_from_openclip(state, cfg)
+
+
+def _openclip_activation(directory: str) -> str:
+  """quick_gelu or gelu from an `open_clip_config.json` in `directory`; quick_gelu without one."""
+  path = os.path.join(directory, "open_clip_config.json")
+  if not os.path.isfile(path):
+    return "quick_gelu"
+  with open(path) as f:
+    quick = json.load(f).get("model_cfg", {}).get("quick_gelu", False)
+  return "quick_gelu" if quick else "gelu"
+
+
+def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any],
+            tokenizer_dir: str | None = None) -> None:
+  """Writes a Hugging Face checkpoint directory that `transformers.CLIPModel.from_pretrained`
+  and `CLIPTokenizer.from_pretrained` load: `config.json`, `model.safetensors` and tokenizer files.
+
+  The tokenizer files are those `tokenizer.load_tokenizer(tokenizer_dir)` uses (the checkpoint's
+  own, else CLIP's shipped vocabulary). Everything is written into a temporary sibling directory
+  renamed into place at the end, so `directory` is never left half-written. `directory` must not
+  exist or be empty.
+  """
+  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    raise UserError(f"save_hf: {directory!r} already exists and is not an empty directory; choose "
+                    "a new path or remove it first.")
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir, cfg.text.context_length)
+  if tokenizer.vocab_size != cfg.text.vocab_size:
+    raise UserError(f"save_hf: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                    f"vocabulary has {cfg.text.vocab_size}; pass tokenizer_dir= holding the model's "
+                    "own tokenizer files.")
+  state = params_to_hf(params, cfg)
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.", dir=parent)
+  try:
+    with open(os.path.join(tmp, HF_CONFIG), "w") as f:
+      json.dump(config_to_hf(cfg), f, indent=2)
+    safetensors.numpy.save_file(state, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
+    tokenizer.backend.model_max_length = cfg.text.context_length
+    tokenizer.backend.save_pretrained(tmp)
+    if os.path.isdir(directory):
+      os.rmdir(directory)
+    os.replace(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
