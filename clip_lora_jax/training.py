@@ -166,7 +166,7 @@ def _write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _data_context(config: ml_collections.ConfigDict):
+def data_context(config: ml_collections.ConfigDict):
   """`tfds.testing.mock_data` when the config asks for mock data, else nothing."""
   if not config.get("mock_data"):
     return contextlib.nullcontext()
@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            config.remat)
   _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
-  with _data_context(config):
+  with data_context(config):
     few_shot = data.load_few_shot(spec, config.shots, config.seed, data_dir=config.data_dir,
                                   split_file=config.split_file, cache_dir=config.cache_dir)
     prompt_ids = class_prompt_ids(base, spec.class_names, config.template)

@@ -1,0 +1,80 @@
+"""Evaluates CLIP on a benchmark split: zero-shot, with a trained adapter, or a merged checkpoint.
+
+  # zero-shot CLIP (CoOp-protocol template of the dataset; --templates=ensemble for CLIP's 80)
+  python eval.py --config configs/fewshot.py:dataset=eurosat
+  # a trained adapter on its base model
+  python eval.py --config configs/fewshot.py:dataset=eurosat --adapter runs/eurosat/adapter.safetensors
+  # a merged model exported by train.py (config.export_merged=True), in Hugging Face layout
+  python eval.py --config configs/fewshot.py:dataset=eurosat --config.model=runs/eurosat/merged
+"""
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from clip_lora_jax import base as base_lib
+from clip_lora_jax import data, evaluation, lora, training
+from clip_lora_jax.errors import exit_on_user_error
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file naming the base model and dataset (as for train.py).",
+    lock_config=True)
+flags.DEFINE_string("adapter", None, "Adapter file written by train.py (adapter.safetensors).")
+flags.DEFINE_string("split", "test", "Benchmark split: train, val or test.")
+flags.DEFINE_enum("templates", "auto", ["auto", "config", "coop", "ensemble"],
+                  "Prompts: config = config.template; coop = the dataset's template of the CoOp "
+                  "protocol; ensemble = the dataset's template ensemble (CLIP's 80 for ImageNet); "
+                  "auto = config with an adapter (what it was trained with), coop without.")
+flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
+flags.mark_flags_as_required(["config"])
+
+
+def templates_for(spec: data.DatasetSpec, choice: str, template: str) -> tuple[str, ...]:
+  """The prompt templates `--templates` selects."""
+  return {"config": (template,), "coop": (spec.coop_template,),
+          "ensemble": tuple(spec.ensemble_templates)}[choice]
+
+
+def evaluate(config, adapter_path: str | None, split: str, choice: str) -> dict:
+  """Top-1 / top-5 of the (adapted) base model on `split` of the config's dataset."""
+  base = base_lib.load_base_model(config.model, config.random_init, config.seed)
+  spec = data.get_dataset(config.dataset)
+  params = base.params
+  if adapter_path:
+    adapter = lora.load_adapter(adapter_path)
+    lora.check_compatible(adapter, base.name, base.config, base.fingerprint)
+    params = lora.merge(base.params, adapter.lora, adapter.config)
+  if choice == "auto":
+    choice = "config" if adapter_path else "coop"
+  templates = templates_for(spec, choice, config.template)
+  with training.data_context(config):
+    classifier = evaluation.zero_shot_classifier(params, base.config, base.tokenizer,
+                                                 spec.class_names, templates)
+    image_size = base.config.vision.image_size
+    batches = data.eval_batches(spec, split, batch_size=config.eval_batch_size,
+                                image_size=image_size, data_dir=config.data_dir,
+                                split_file=config.split_file)
+    total = data.num_examples(spec, split, data_dir=config.data_dir, split_file=config.split_file)
+    result = evaluation.evaluate(params, base.config, classifier, batches, total, config.progress)
+  return {"dataset": spec.name, "split": split, "model": base.name, "adapter": adapter_path,
+          "templates": list(templates), **result}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  with exit_on_user_error():
+    result = evaluate(f.config, f.adapter, f.split, f.templates)
+  print(f"{result['dataset']} {result['split']}: top-1 {result['top1']:.2f}%  "
+        f"top-5 {result['top5']:.2f}%  ({result['count']} images)")
+  if f.output:
+    os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
+    with open(f.output, "w") as out:
+      json.dump(result, out, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
