@@ -1,0 +1,332 @@
+"""Checkpoint tests: numerical parity with transformers' PyTorch CLIPModel, layouts, round trips,
+save_hf, and errors.
+
+Tolerance asserted in fp32 (CPU): max abs difference <= 1e-5 on image embeddings, text embeddings
+and logits, against values of magnitude 1-5. Measured: <= 2.4e-6 for the small models, <= 4.6e-6
+for the full ViT-B/16 shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import huggingface_hub
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+from conftest import TINY_HF_CONFIG, random_hf_clip
+
+from clip_lora_jax import checkpoints, model
+from clip_lora_jax import tokenizer as tokenizer_lib
+from clip_lora_jax.errors import UserError
+
+ATOL = 1e-5
+
+# openai/clip-vit-base-patch16's config.json, abridged to the fields that define the model.
+VIT_B16_HF_CONFIG = {
+    "model_type": "clip",
+    "projection_dim": 512,
+    "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+                    "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408,
+                    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05, "bos_token_id": 0,
+                    "eos_token_id": 2, "pad_token_id": 1},
+    "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                      "num_hidden_layers": 12, "image_size": 224, "patch_size": 16,
+                      "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05},
+}
+
+
+def head64_config(activation: str) -> dict:
+  """A small config with 64-wide attention heads, the width OpenAI's shape inference assumes."""
+  return {"projection_dim": 32,
+          "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 1,
+                          "num_hidden_layers": 2, "vocab_size": 49408, "hidden_act": activation},
+          "vision_config": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+                            "num_hidden_layers": 2, "image_size": 32, "patch_size": 16,
+                            "hidden_act": activation}}
+
+
+def hf_state(hf_model: transformers.CLIPModel) -> dict[str, np.ndarray]:
+  return {k: v.numpy() for k, v in hf_model.state_dict().items()}
+
+
+def openclip_state(hf: dict[str, torch.Tensor], text_layers: int, vision_layers: int
+                   ) -> dict[str, torch.Tensor]:
+  """The OpenAI / OpenCLIP state dict of the same model, built from the HF one with torch ops:
+  rename, fuse q, k, v into in_proj, and store the projections as (width, embed_dim)."""
+  out = {
+      "visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
+      "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
+      "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
+      "visual.proj": hf["visual_projection.weight"].T.contiguous(),
+      "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+      "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+      "text_projection": hf["text_projection.weight"].T.contiguous(),
+      "logit_scale": hf["logit_scale"],
+  }
+  for param in ("weight", "bias"):
+    out[f"visual.ln_pre.{param}"] = hf[f"vision_model.pre_layrnorm.{param}"]
+    out[f"visual.ln_post.{param}"] = hf[f"vision_model.post_layernorm.{param}"]
+    out[f"ln_final.{param}"] = hf[f"text_model.final_layer_norm.{param}"]
+  renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+  for src, dst, layers in (("vision_model", "visual.transformer", vision_layers),
+                           ("text_model", "transformer", text_layers)):
+    for i in range(layers):
+      s, d = f"{src}.encoder.layers.{i}", f"{dst}.resblocks.{i}"
+      for param in ("weight", "bias"):
+        for a, b in renames.items():
+          out[f"{d}.{b}.{param}"] = hf[f"{s}.{a}.{param}"]
+        out[f"{d}.attn.in_proj_{param}"] = torch.cat(
+            [hf[f"{s}.self_attn.{x}_proj.{param}"] for x in "qkv"])
+  return out
+
+
+def random_inputs(image_size: int, num_images: int = 3, end_positions=(4, 19, 76), seed: int = 0):
+  """NHWC images and (N, 77) token ids: start token, random ids, the end token 49407 (the largest
+  id) at varying positions including the last, zeros after."""
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((num_images, image_size, image_size, 3)).astype(np.float32)
+  ids = np.zeros((len(end_positions), 77), np.int64)
+  for row, end in zip(ids, end_positions):
+    row[1:end] = rng.integers(1, 49406, end - 1)
+    row[0], row[end] = 49406, 49407
+  return images, ids
+
+
+def torch_outputs(hf_model: transformers.CLIPModel, images: np.ndarray, ids: np.ndarray):
+  """(image embeddings, text embeddings, logits per image) of the torch reference."""
+  pixels, tokens = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ids)
+  with torch.inference_mode():
+    out = hf_model(input_ids=tokens, pixel_values=pixels)
+    image_emb = hf_model.get_image_features(pixels).pooler_output
+    text_emb = hf_model.get_text_features(tokens).pooler_output
+  return image_emb.numpy(), text_emb.numpy(), out.logits_per_image.numpy()
+
+
+def our_outputs(params, cfg: model.CLIPConfig, images: np.ndarray, ids: np.ndarray):
+  """(image embeddings, text embeddings, logits) of ours, one jitted pass per tower."""
+  image_emb = jax.jit(model.encode_images, static_argnums=2)(params, images, cfg)
+  text_emb = jax.jit(model.encode_texts, static_argnums=2)(params, ids.astype(np.int32), cfg)
+  logits = model.cosine_logits(image_emb, text_emb, np.exp(params["logit_scale"]))
+  return tuple(np.asarray(x) for x in (image_emb, text_emb, logits))
+
+
+def assert_parity(ours, theirs, atol: float = ATOL):
+  for name, a, b in zip(("image embeddings", "text embeddings", "logits"), ours, theirs):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=name)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_checkpoint):
+  """(checkpoint dir, torch model, our config, our params) of the tiny checkpoint."""
+  cfg, params = checkpoints.load_pretrained(tiny_hf_checkpoint)
+  return tiny_hf_checkpoint, transformers.CLIPModel.from_pretrained(tiny_hf_checkpoint), cfg, params
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with transformers.
+
+
+def test_tiny_hf_checkpoint_matches_torch(tiny):
+  _, hf_model, cfg, params = tiny
+  assert cfg == model.get_config("tiny")
+  assert params["logit_scale"].shape == ()
+  images, ids = random_inputs(32)
+  assert_parity(our_outputs(params, cfg, images, ids), torch_outputs(hf_model, images, ids))
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_openclip_file_matches_torch(tmp_path, activation):
+  hf_model = random_hf_clip(head64_config(activation), seed=1)
+  state = openclip_state(hf_model.state_dict(), text_layers=2, vision_layers=2)
+  safetensors.numpy.save_file({k: v.numpy() for k, v in state.items()}, tmp_path / "clip.safetensors")
+  (tmp_path / "open_clip_config.json").write_text(
+      json.dumps({"model_cfg": {"quick_gelu": activation == "quick_gelu"}}))
+
+  cfg, params = checkpoints.load_pretrained(str(tmp_path / "clip.safetensors"))
+  hf_cfg = checkpoints.config_from_hf(hf_model.config.to_dict())
+  assert cfg == hf_cfg and cfg.activation == activation
+  assert_trees_equal(params, checkpoints.params_from_hf(hf_state(hf_model), hf_cfg))
+  images, ids = random_inputs(32)
+  assert_parity(our_outputs(params, cfg, images, ids), torch_outputs(hf_model, images, ids))
+
+
+def test_full_vit_b16_matches_torch():
+  """The real ViT-B/16 shape, both layouts, one forward pass of each tower."""
+  hf_model = random_hf_clip(VIT_B16_HF_CONFIG, seed=2)
+  cfg = checkpoints.config_from_hf(VIT_B16_HF_CONFIG)
+  assert cfg == model.get_config("ViT-B/16")
+  params = checkpoints.params_from_hf(hf_state(hf_model), cfg)
+
+  state = openclip_state(hf_model.state_dict(), text_layers=12, vision_layers=12)
+  state = {k: v.numpy() for k, v in state.items()}
+  assert checkpoints.config_from_openclip(state) == cfg
+  assert_trees_equal(checkpoints.params_from_openclip(state, cfg), params)
+  del state
+
+  images, ids = random_inputs(224, num_images=2)
+  assert_parity(our_outputs(params, cfg, images, ids), torch_outputs(hf_model, images, ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs and round trips.
+
+
+@pytest.mark.parametrize("name", ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14-336", "tiny"])
+def test_configs_round_trip_and_shape_inference(name):
+  cfg = model.get_config(name)
+  hf_config = checkpoints.config_to_hf(cfg)
+  assert checkpoints.config_from_hf(hf_config) == cfg
+  assert checkpoints.config_from_hf(json.loads(json.dumps(hf_config))) == cfg
+  if cfg.text.width % 64 == 0:  # OpenAI's shape inference assumes 64-wide heads
+    with torch.device("meta"):  # shapes only, nothing allocated
+      hf_model = transformers.CLIPModel(transformers.CLIPConfig.from_dict(hf_config))
+    state = openclip_state(hf_model.state_dict(), cfg.text.layers, cfg.vision.layers)
+    shapes = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in state.items()}
+    assert checkpoints.config_from_openclip(shapes) == cfg
+
+
+def test_config_defaults_are_transformers():
+  # transformers' CLIPConfig defaults are OpenAI's ViT-B/32.
+  assert checkpoints.config_from_hf({}) == model.get_config("ViT-B/32")
+  partial = checkpoints.config_from_hf({"vision_config": {"patch_size": 16}})
+  assert partial == model.get_config("ViT-B/16")
+
+
+def test_hf_round_trip_is_identity(tiny):
+  checkpoint_dir, _, cfg, params = tiny
+  state = checkpoints.params_to_hf(params, cfg)
+  assert_trees_equal(checkpoints.params_from_hf(state, cfg), params)
+  saved = safetensors.numpy.load_file(os.path.join(checkpoint_dir, "model.safetensors"))
+  saved = {k: v for k, v in saved.items() if not k.endswith("position_ids")}
+  assert_trees_equal(state, saved)
+  assert state["logit_scale"].shape == ()
+
+  random_params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(3), cfg)
+  assert_trees_equal(checkpoints.params_from_hf(checkpoints.params_to_hf(random_params, cfg), cfg),
+                     jax.tree.map(np.asarray, random_params))
+
+
+def test_save_hf_loads_in_transformers(tiny, tmp_path):
+  checkpoint_dir, hf_model, cfg, params = tiny
+  out = tmp_path / "exported"
+  checkpoints.save_hf(str(out), cfg, params, tokenizer_dir=checkpoint_dir)
+  assert not [p for p in os.listdir(tmp_path) if p != "exported"]  # no temporary left behind
+
+  reloaded = transformers.CLIPModel.from_pretrained(out)
+  images, ids = random_inputs(32)
+  np.testing.assert_array_equal(torch_outputs(reloaded, images, ids)[2],
+                                torch_outputs(hf_model, images, ids)[2])
+  out_cfg, out_params = checkpoints.load_pretrained(str(out))
+  assert out_cfg == cfg
+  assert_parity(our_outputs(out_params, cfg, images, ids), torch_outputs(hf_model, images, ids))
+
+  texts = ["a photo of a cat.", "2012 Tesla Model S Sedan"]
+  hf_ids = transformers.CLIPTokenizer.from_pretrained(out)(texts, padding="max_length")["input_ids"]
+  ours = tokenizer_lib.load_tokenizer(str(out))(texts)
+  np.testing.assert_array_equal(np.where(ours == 0, 49407, ours), hf_ids)  # HF pads with the end id
+
+
+def test_save_hf_default_tokenizer_and_existing_directory(tiny, tmp_path):
+  _, _, cfg, params = tiny
+  checkpoints.save_hf(str(tmp_path / "a"), cfg, params)
+  assert tokenizer_lib.load_tokenizer(str(tmp_path / "a")).vocab_size == 49408
+  with pytest.raises(UserError, match="already exists"):
+    checkpoints.save_hf(str(tmp_path / "a"), cfg, params)
+  with pytest.raises(UserError, match="tokenizer has 49408 tokens but the model's vocabulary has 1000"):
+    small_vocab = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=1000))
+    checkpoints.save_hf(str(tmp_path / "b"), small_vocab, params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_shape_mismatch_names_key_and_shapes(tiny):
+  _, hf_model, cfg, _ = tiny
+  state = hf_state(hf_model)
+  state["text_model.encoder.layers.1.mlp.fc1.weight"] = np.zeros((97, 48), np.float32)
+  with pytest.raises(UserError, match=r"'text_model\.encoder\.layers\.1\.mlp\.fc1\.weight': "
+                                      r"expected shape \(96, 48\) .*, found \(97, 48\)"):
+    checkpoints.params_from_hf(state, cfg)
+
+
+def test_wrong_architecture_lists_missing_and_unexpected_keys(tiny):
+  _, hf_model, cfg, params = tiny
+  deeper = model.get_config("tiny-12")
+  with pytest.raises(UserError, match=r"architecture 'tiny-12': missing keys: .*layers\.10\."):
+    checkpoints.params_from_hf(hf_state(hf_model), deeper)
+  state = {**hf_state(hf_model), "extra.weight": np.zeros(1, np.float32)}
+  with pytest.raises(UserError, match="unexpected keys: extra.weight"):
+    checkpoints.params_from_hf(state, cfg)
+  with pytest.raises(UserError, match="missing keys: ln_final.bias, ln_final.weight"):
+    checkpoints.params_from_openclip(hf_state(hf_model), cfg)
+  bad_params = {**params, "logit_scale": np.zeros(1, np.float32)}
+  with pytest.raises(UserError, match=r"'logit_scale': expected shape \(\) .*, found \(1,\)"):
+    checkpoints.params_to_hf(bad_params, cfg)
+
+
+def test_missing_files_raise(tmp_path, tiny):
+  with pytest.raises(UserError, match="not found"):
+    checkpoints.load_pretrained(str(tmp_path / "nothing" / "here.safetensors"))
+  with pytest.raises(UserError, match="has no config.json"):
+    checkpoints.load_pretrained(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps(TINY_HF_CONFIG))
+  with pytest.raises(UserError, match="has no model.safetensors"):
+    checkpoints.load_pretrained(str(tmp_path))
+  (tmp_path / "weights.bin").write_bytes(b"\0")
+  with pytest.raises(UserError, match="only .safetensors"):
+    checkpoints.load_pretrained(str(tmp_path / "weights.bin"))
+  (tmp_path / "weights.safetensors").write_bytes(b"not safetensors")
+  with pytest.raises(UserError, match="could not read safetensors"):
+    checkpoints.load_pretrained(str(tmp_path / "weights.safetensors"))
+
+
+def test_bad_configs_raise():
+  with pytest.raises(UserError, match="model_type 'siglip'"):
+    checkpoints.config_from_hf({"model_type": "siglip"})
+  with pytest.raises(UserError, match="activation 'relu' is not supported"):
+    checkpoints.config_from_hf({"text_config": {"hidden_act": "relu"}})
+  with pytest.raises(UserError, match="invalid CLIP config.json"):
+    checkpoints.config_from_hf({"text_config": {"hidden_size": 65}})
+  with pytest.raises(UserError, match="key 'visual.conv1.weight' is missing"):
+    checkpoints.config_from_openclip({"logit_scale": np.zeros(())})
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+  """No network and an empty hub cache (huggingface_hub reads these settings at import)."""
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+@pytest.mark.parametrize("name", ["openai/clip-vit-base-patch16", "ViT-B/16"])
+def test_hub_id_without_network_raises(offline_hub, name):
+  with pytest.raises(UserError, match=r"'openai/clip-vit-base-patch16'.*could not be fetched.*"
+                                      r"download it on a machine"):
+    checkpoints.load_pretrained(name)
+
+
+def test_unknown_architecture_name_raises(offline_hub):
+  with pytest.raises(UserError, match=r"'ViT-H/99' is neither a local path nor a named "
+                                      r"architecture \(ViT-B/32, ViT-B/16"):
+    checkpoints.load_pretrained("ViT-H/99")
+  with pytest.raises(UserError, match="not found: it is neither"):
+    checkpoints.load_pretrained("no-such-model")
+  with pytest.raises(UserError, match="'tiny' has no pretrained weights"):
+    checkpoints.load_pretrained("tiny")
