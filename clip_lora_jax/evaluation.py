@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,6 @@ import numpy as np
 import tqdm
 
 from clip_lora_jax import lora, model
-from clip_lora_jax import base as base_lib
 from clip_lora_jax.tokenizer import Tokenizer
 
 TEXT_CHUNK = 256  # Prompts encoded at once inside the compiled text loop.
@@ -53,19 +52,20 @@ def _batch_counts(params, config, classifier, images, labels, mask):
 
 def evaluate(params: model.Params, config: model.CLIPConfig, classifier: jax.Array,
              batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True, place: Callable[[dict], dict] = dict) -> dict[str, float]:
   """Top-1 / top-5 accuracy (in %) of nearest-class-embedding classification.
 
   `batches` yield {"image", "label", "mask"}; examples with mask 0 (padding of the last batch)
-  are not counted. `total` (examples) only sizes the progress bar.
+  are not counted. `place` puts a host batch on devices (e.g. `sharding.global_batch`, where
+  each process yields its own rows). `total` (examples) only sizes the progress bar.
   """
   hits1 = hits5 = count = 0
   with tqdm.tqdm(total=total, desc="eval", unit="img", disable=not progress,
                  dynamic_ncols=True) as bar:
-    for batch in batches:
-      mask = batch.get("mask", np.ones(len(batch["label"]), np.float32))
+    for host_batch in batches:
+      batch = place({"mask": np.ones(len(host_batch["label"]), np.float32), **host_batch})
       h1, h5, n = _batch_counts(params, config, classifier, batch["image"], batch["label"],
-                                jnp.asarray(mask, jnp.float32))
+                                batch["mask"].astype(jnp.float32))
       hits1, hits5, count = hits1 + float(h1), hits5 + float(h5), count + int(n)
       bar.update(int(n))
   if count == 0:
@@ -73,11 +73,12 @@ def evaluate(params: model.Params, config: model.CLIPConfig, classifier: jax.Arr
   return {"top1": 100.0 * hits1 / count, "top5": 100.0 * hits5 / count, "count": count}
 
 
-def evaluate_adapter(base: base_lib.BaseModel, lora_params: model.Params,
+def evaluate_adapter(config: model.CLIPConfig, params: model.Params, lora_params: model.Params,
                      lora_config: lora.LoRAConfig, class_prompt_ids: np.ndarray,
                      batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
-                     progress: bool = True) -> dict[str, float]:
-  """Accuracy of the base with an adapter merged in, classes given by (C, T) prompt ids."""
-  merged = lora.merge(base.params, lora_params, lora_config)
-  classifier = text_classifier(merged, base.config, jnp.asarray(class_prompt_ids)[:, None, :])
-  return evaluate(merged, base.config, classifier, batches, total, progress)
+                     progress: bool = True, place: Callable[[dict], dict] = dict
+                     ) -> dict[str, float]:
+  """Accuracy of base `params` with an adapter merged in, classes given by (C, T) prompt ids."""
+  merged = lora.merge(params, lora_params, lora_config)
+  classifier = text_classifier(merged, config, jnp.asarray(class_prompt_ids)[:, None, :])
+  return evaluate(merged, config, classifier, batches, total, progress, place)

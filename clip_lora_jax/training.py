@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import checkpoints, data, evaluation, lora, metrics, model
+from clip_lora_jax import checkpoints, data, evaluation, lora, metrics, model, sharding
 from clip_lora_jax.errors import UserError
 
 State = dict[str, Any]  # {'step', 'lora', 'opt_state', 'rng'}: all arrays, checkpointed as is.
@@ -93,6 +93,7 @@ class StepConfig:
   logit_scale: float = 100.0
   dtype: Any = jnp.float32
   remat: bool = False
+  num_classes: int | None = None  # Prompt rows past it are padding (for sharding over devices).
 
   @property
   def text_trains(self) -> bool:
@@ -100,13 +101,15 @@ class StepConfig:
     return "text" in lora.ENCODERS[self.lora_config.encoders]
 
 
-def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransformation) -> Callable:
+def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
   """A jitted `(state, base_params, images, labels, text) -> (state, metrics)` with donated state.
 
   `text` is the (C, T) token ids of the class prompts when the text tower trains (they are
   encoded with gradients every step), else the (C, E) text embeddings computed once.
   Gradients are taken with respect to the LoRA pytree only; base params are an argument (not a
-  closure) so they are not baked into the compiled program as constants.
+  closure) so they are not baked into the compiled program as constants. With a `mesh`, the
+  inputs' shardings drive the partitioning and the new state comes out replicated.
   """
   sc = step_config
   common = dict(lora_scale=sc.lora_config.scale, lora_dropout=sc.lora_config.dropout,
@@ -118,7 +121,7 @@ def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransforma
                                     dropout_rng=image_rng, **common)
     if sc.text_trains:
       text = model.encode_texts(base_params, text, sc.model_config, lora=lora_params,
-                                dropout_rng=text_rng, **common)
+                                dropout_rng=text_rng, **common)[:sc.num_classes]
     return classification_loss(image_emb, text, labels, sc.logit_scale)
 
   def step(state: State, base_params, images, labels, text):
@@ -130,7 +133,8 @@ def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransforma
                  "lora": optax.apply_updates(state["lora"], updates)}
     return new_state, {"loss": loss, "accuracy": accuracy}
 
-  return jax.jit(step, donate_argnums=(0,))
+  out_shardings = None if mesh is None else sharding.replicated(mesh)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def init_state(seed: int, lora_params: model.Params,
@@ -174,60 +178,80 @@ def data_context(config: ml_collections.ConfigDict):
   return tfds.testing.mock_data(num_examples=config.mock_examples)
 
 
+def _text_input(base: base_lib.BaseModel, params: model.Params, prompt_ids: np.ndarray,
+                step_config: StepConfig, mesh: jax.sharding.Mesh) -> jax.Array:
+  """What the train step takes as `text`: prompt ids sharded over the mesh (padded to a
+  multiple of its size) when the text tower trains, else the frozen text embeddings."""
+  if step_config.text_trains:
+    ids = sharding.pad_to_multiple(prompt_ids, mesh.size)
+    return jax.device_put(ids, sharding.batch_sharding(mesh))
+  encode = jax.jit(lambda p, ids: model.encode_texts(p, ids, base.config, chunk_size=256),
+                   out_shardings=sharding.replicated(mesh))
+  return encode(params, sharding.put_replicated(prompt_ids, mesh))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains an adapter as `config` says, resuming from `workdir`'s last checkpoint; returns and
-  writes `results.json` (test top-1 / top-5 of the merged model)."""
+  (on process 0) writes `results.json` with the test top-1 / top-5 of the merged model."""
   validate(config)
+  lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  sharding.check_divisible(config.batch_size, mesh)
+  sharding.check_divisible(config.eval_batch_size, mesh)
   lora_config = lora_config_from(config)
   steps = total_steps(config)
   base = base_lib.load_base_model(config.model, config.random_init, config.seed)
   spec = data.get_dataset(config.dataset)
   image_size = base.config.vision.image_size
   step_config = StepConfig(base.config, lora_config, config.logit_scale, DTYPES[config.dtype],
-                           config.remat)
-  _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+                           config.remat, num_classes=spec.num_classes)
+  if lead:
+    _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  params = jax.device_put(base.params,
+                          sharding.params_sharding(base.params, mesh, config.fsdp))
+  place = lambda batch: sharding.global_batch(mesh, batch)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
   with data_context(config):
     few_shot = data.load_few_shot(spec, config.shots, config.seed, data_dir=config.data_dir,
                                   split_file=config.split_file, cache_dir=config.cache_dir)
     prompt_ids = class_prompt_ids(base, spec.class_names, config.template)
-    text = jnp.asarray(prompt_ids) if step_config.text_trains else model.encode_texts(
-        base.params, jnp.asarray(prompt_ids), base.config, chunk_size=256)
+    text = _text_input(base, params, prompt_ids, step_config, mesh)
 
     optimizer = make_optimizer(config.optimizer, steps)
     lora_params = lora.init(jax.random.PRNGKey(config.seed), base.config, lora_config)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    state = _restore_or(manager, init_state(config.seed, lora_params, optimizer))
+    state = sharding.put_replicated(init_state(config.seed, lora_params, optimizer), mesh)
+    state = _restore_or(manager, state)
     start = int(state["step"])
-    train_step = make_train_step(step_config, optimizer)
+    train_step = make_train_step(step_config, optimizer, mesh)
     schedule = learning_rate_schedule(config.optimizer, steps)
     batches = data.train_batches(few_shot, batch_size=config.batch_size, image_size=image_size,
-                                 seed=config.seed, start_step=start)
+                                 seed=config.seed, start_step=start, **hosts)
 
-    with metrics.MetricWriter(workdir) as writer:
+    with metrics.MetricWriter(workdir, enabled=lead) as writer:
       progress = tqdm.tqdm(total=steps, initial=start, desc=f"{spec.name} {config.shots}-shot",
-                           disable=not config.progress, dynamic_ncols=True)
+                           disable=not (config.progress and lead), dynamic_ncols=True)
       window: list[dict[str, jax.Array]] = []
       tick = time.perf_counter()
       for step in range(start + 1, steps + 1):
-        batch = next(batches)
-        state, step_metrics = train_step(state, base.params, batch["image"], batch["label"], text)
+        batch = place(next(batches))
+        state, step_metrics = train_step(state, params, batch["image"], batch["label"], text)
         window.append(step_metrics)
         progress.update(1)
         if step % config.log_every == 0 or step == steps:
           summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-          elapsed = time.perf_counter() - tick
           summary.update(learning_rate=float(schedule(step - 1)),
-                         steps_per_second=len(window) / elapsed)
+                         steps_per_second=len(window) / (time.perf_counter() - tick))
           writer.write(step, {f"train/{k}": v for k, v in summary.items()})
           progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
           window, tick = [], time.perf_counter()
         if config.eval_every and step % config.eval_every == 0 and step != steps:
           val = evaluation.evaluate_adapter(
-              base, state["lora"], lora_config, prompt_ids,
-              data.few_shot_val_batches(few_shot, config.eval_batch_size, image_size),
-              progress=False)
+              base.config, params, state["lora"], lora_config, prompt_ids,
+              data.few_shot_val_batches(few_shot, config.eval_batch_size, image_size, **hosts),
+              place=place, progress=False)
           writer.write(step, {f"val/{k}": v for k, v in val.items()})
         if step % config.checkpoint_every == 0 or step == steps:
           manager.save(step, args=ocp.args.StandardSave(state))
@@ -236,22 +260,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       adapter = lora.Adapter(jax.device_get(state["lora"]), lora_config, base.name, base.config,
                              base.fingerprint)
-      lora.save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
-      if config.export_merged:
-        checkpoints.save_hf(os.path.join(workdir, "merged"), base.config,
-                            lora.merge(base.params, adapter.lora, lora_config))
+      if lead:
+        lora.save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
+        if config.export_merged:
+          checkpoints.save_hf(os.path.join(workdir, "merged"), base.config,
+                              lora.merge(base.params, adapter.lora, lora_config))
       test = evaluation.evaluate_adapter(
-          base, adapter.lora, lora_config, prompt_ids,
+          base.config, params, state["lora"], lora_config, prompt_ids,
           data.eval_batches(spec, "test", batch_size=config.eval_batch_size,
                             image_size=image_size, data_dir=config.data_dir,
-                            split_file=config.split_file),
+                            split_file=config.split_file, **hosts),
           total=data.num_examples(spec, "test", data_dir=config.data_dir,
                                   split_file=config.split_file),
-          progress=config.progress)
+          place=place, progress=config.progress and lead)
       writer.write(steps, {f"test/{k}": v for k, v in test.items()})
 
   results = {"dataset": spec.name, "shots": config.shots, "seed": config.seed,
              "model": base.name, "steps": steps, "trainable_parameters":
              lora.num_parameters(adapter.lora), **{f"test_{k}": v for k, v in test.items()}}
-  _write_json_atomic(os.path.join(workdir, "results.json"), results)
+  if lead:
+    _write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters (GPU / TPU).
   c.remat = False  # Rematerialise each block in the backward pass (saves activation memory).
+  c.fsdp = False  # Shard the frozen base weights over devices (large backbones).
 
   c.log_every = 10
   c.checkpoint_every = 500

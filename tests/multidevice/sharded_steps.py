@@ -1,0 +1,48 @@
+"""Run under 8 simulated CPU devices: N train steps on a 1-device mesh, an 8-device data mesh,
+and an 8-device mesh with FSDP base weights; prints the max abs LoRA difference as JSON."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from clip_lora_jax import lora, model, sharding, training
+from configs import fewshot
+
+
+def run(mesh, fsdp: bool, steps: int = 4):
+  config = model.get_config("tiny")
+  params = model.init_params(jax.random.key(0), config)
+  lora_config = lora.LoRAConfig(rank=2)
+  opt_config = fewshot.get_config().optimizer
+  opt_config.learning_rate = 1e-2
+  optimizer = training.make_optimizer(opt_config, steps)
+  ids = np.zeros((5, 8), np.int32)
+  ids[:, 0], ids[:, 1], ids[:, 2], ids[:, 3] = 49406, [320, 1125, 539, 2368, 269], 269, 49407
+  step_config = training.StepConfig(config, lora_config, num_classes=5)
+  step = training.make_train_step(step_config, optimizer, mesh)
+  state = sharding.put_replicated(
+      training.init_state(0, lora.init(jax.random.PRNGKey(0), config, lora_config), optimizer),
+      mesh)
+  params = jax.device_put(params, sharding.params_sharding(params, mesh, fsdp))
+  text = jax.device_put(sharding.pad_to_multiple(ids, mesh.size), sharding.batch_sharding(mesh))
+  rng = np.random.default_rng(0)
+  for _ in range(steps):
+    batch = sharding.global_batch(mesh, {
+        "image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 5, 16).astype(np.int32)})
+    state, _ = step(state, params, batch["image"], batch["label"], text)
+  return jax.device_get(state["lora"])
+
+
+if __name__ == "__main__":
+  assert jax.device_count() == 8, jax.devices()
+  single = run(sharding.make_mesh(1), fsdp=False)
+  diffs = {}
+  for name, fsdp in (("data", False), ("fsdp", True)):
+    sharded = run(sharding.make_mesh(8), fsdp=fsdp)
+    diffs[name] = max(float(np.abs(a - b).max())
+                      for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)))
+  diffs["moved"] = max(float(np.abs(x).max()) for x in jax.tree.leaves(single))
+  json.dump(diffs, sys.stdout)
