@@ -8,26 +8,38 @@ The workdir receives `adapter.safetensors`, `results.json`, `metrics.jsonl`, Ten
 and orbax checkpoints; re-running the same command resumes from the last checkpoint.
 """
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from clip_lora_jax import training
+from clip_lora_jax import sharding, training
 from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file (e.g. configs/fewshot.py:dataset=dtd,shots=4,seed=2); any value "
     "can be overridden with --config.KEY=VALUE.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results (shared by "
+                    "all processes of a multi-host run).")
+flags.DEFINE_bool("distributed", False, "Multi-host run whose peers JAX finds itself (TPU pod "
+                  "slices, Slurm): calls jax.distributed.initialize() with no arguments.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process runs elsewhere: host:port of "
+                    "process 0 (or JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
   with exit_on_user_error():
-    results = training.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  print(f"test top-1 {results['test_top1']:.2f}%  top-5 {results['test_top5']:.2f}%  "
-        f"({results['test_count']} images) -> {flags.FLAGS.workdir}/results.json")
+    sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
+                                    auto=f.distributed)
+    results = training.train_and_evaluate(f.config, f.workdir)
+  if jax.process_index() == 0:
+    print(f"test top-1 {results['test_top1']:.2f}%  top-5 {results['test_top5']:.2f}%  "
+          f"({results['test_count']} images) -> {f.workdir}/results.json")
 
 
 if __name__ == "__main__":

@@ -23,20 +23,20 @@ DATA_AXIS = "data"
 
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, auto: bool = False) -> None:
   """Joins a multi-process run; a no-op for a single process.
 
-  On TPU pods (and Slurm / MPI clusters) `jax.distributed.initialize()` finds its peers itself:
-  pass nothing and set JAX_DISTRIBUTED=1 (or any argument). Elsewhere pass the coordinator's
-  `host:port`, the process count and this process's id (or set JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES, JAX_PROCESS_ID). On CPU, collectives go through gloo.
+  On TPU pod slices (and Slurm clusters) `jax.distributed.initialize()` finds its peers
+  itself: pass `auto` (or set JAX_DISTRIBUTED=1). Elsewhere pass the coordinator's `host:port`,
+  the process count and this process's id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID). On CPU, collectives go through gloo.
   """
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["JAX_NUM_PROCESSES"])
   if process_id is None and "JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["JAX_PROCESS_ID"])
-  auto = os.environ.get("JAX_DISTRIBUTED") == "1"
+  auto = auto or os.environ.get("JAX_DISTRIBUTED") == "1"
   if not (coordinator_address or auto) and (num_processes or 1) == 1:
     return
   if not auto and (num_processes is None or process_id is None):
