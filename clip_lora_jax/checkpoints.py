@@ -106,8 +106,9 @@ def _block(path: Path, key: str, names: Mapping[str, str], fused_qkv: bool) -> l
              *_dense(path + ("mlp", "fc2"), f"{key}.{names['fc2']}")]
   if fused_qkv:
     qkv = [path + ("attn", name) for name in ("q", "k", "v")]
-    entries += [_Entry(f"{key}.attn.in_proj_weight", tuple(p + ("kernel",) for p in qkv), "fused_linear"),
-                _Entry(f"{key}.attn.in_proj_bias", tuple(p + ("bias",) for p in qkv), "fused_bias")]
+    entries += [
+        _Entry(f"{key}.attn.in_proj_weight", tuple(p + ("kernel",) for p in qkv), "fused_linear"),
+        _Entry(f"{key}.attn.in_proj_bias", tuple(p + ("bias",) for p in qkv), "fused_bias")]
   else:
     for name in ("q", "k", "v"):
       entries += _dense(path + ("attn", name), f"{key}.self_attn.{name}_proj")
@@ -128,11 +129,13 @@ def _hf_layout(cfg: model_lib.CLIPConfig) -> list[_Entry]:
       _Entry("vision_model.embeddings.patch_embedding.weight",
              (("vision", "patch_embedding", "kernel"),), "conv"),
       _Entry("vision_model.embeddings.class_embedding", (("vision", "class_embedding"),)),
-      _Entry("vision_model.embeddings.position_embedding.weight", (("vision", "position_embedding"),)),
+      _Entry("vision_model.embeddings.position_embedding.weight",
+             (("vision", "position_embedding"),)),
       *_norm(("vision", "ln_pre"), "vision_model.pre_layrnorm"),  # sic
       *blocks("vision", "vision_model", cfg.vision.layers),
       *_norm(("vision", "ln_post"), "vision_model.post_layernorm"),
-      _Entry("text_model.embeddings.token_embedding.weight", (("text", "token_embedding", "embedding"),)),
+      _Entry("text_model.embeddings.token_embedding.weight",
+             (("text", "token_embedding", "embedding"),)),
       _Entry("text_model.embeddings.position_embedding.weight", (("text", "position_embedding"),)),
       *blocks("text", "text_model", cfg.text.layers),
       *_norm(("text", "ln_final"), "text_model.final_layer_norm"),
@@ -145,7 +148,8 @@ def _hf_layout(cfg: model_lib.CLIPConfig) -> list[_Entry]:
 def _openclip_layout(cfg: model_lib.CLIPConfig) -> list[_Entry]:
   """The OpenAI CLIP / OpenCLIP state dict (projections are stored in `x @ proj` orientation)."""
   blocks = lambda tower, prefix, n: [e for i in range(n) for e in _block(
-      (tower, f"layers_{i}"), f"{prefix}transformer.resblocks.{i}", _OPENCLIP_BLOCK, fused_qkv=True)]
+      (tower, f"layers_{i}"), f"{prefix}transformer.resblocks.{i}", _OPENCLIP_BLOCK,
+      fused_qkv=True)]
   return [
       _Entry("visual.conv1.weight", (("vision", "patch_embedding", "kernel"),), "conv"),
       _Entry("visual.class_embedding", (("vision", "class_embedding"),)),
@@ -210,7 +214,8 @@ def _import(state: State, layout: list[_Entry], cfg: model_lib.CLIPConfig, what:
       raise UserError(f"{what} key {entry.key!r}: expected shape {expected} for "
                       f"{_describe(cfg)}, found {array.shape}.")
     leaves = _TRANSFORMS[entry.transform].to_ours(array)
-    flat.update((path, np.array(leaf, np.float32, order="C")) for path, leaf in zip(entry.paths, leaves))
+    flat.update((path, np.array(leaf, np.float32, order="C"))
+                for path, leaf in zip(entry.paths, leaves))
   return traverse_util.unflatten_dict(flat)
 
 
@@ -224,8 +229,8 @@ def _export(params: Mapping[str, Any], layout: list[_Entry], cfg: model_lib.CLIP
     if flat[path].shape != shape:
       raise UserError(f"parameter {join(path)!r}: expected shape {shape} for {_describe(cfg)}, "
                       f"found {flat[path].shape}.")
-  return {e.key: np.asarray(_TRANSFORMS[e.transform].to_source([flat[p] for p in e.paths]), order="C")
-          for e in layout}
+  to_source = lambda e: _TRANSFORMS[e.transform].to_source([flat[p] for p in e.paths])
+  return {e.key: np.asarray(to_source(e), order="C") for e in layout}
 
 
 def params_from_hf(state: State, cfg: model_lib.CLIPConfig) -> dict:
@@ -284,7 +289,8 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> model_lib.CLIPConfig:
     raise UserError("config.json: the text and vision towers use different hidden_act or "
                     "layer_norm_eps; clip_lora_jax needs one value for both.")
   if vision.num_channels != 3:
-    raise UserError(f"config.json: vision_config.num_channels is {vision.num_channels}; only RGB (3).")
+    raise UserError(f"config.json: vision_config.num_channels is {vision.num_channels}; only RGB "
+                    "images (3 channels) are supported.")
   image_size, patch_size = (_square(vision, k) for k in ("image_size", "patch_size"))
   return _named(model_lib.CLIPConfig(
       embed_dim=hf.projection_dim,
@@ -304,7 +310,8 @@ def _square(vision: transformers.CLIPVisionConfig, key: str) -> int:
   value = getattr(vision, key)
   sizes = set(value) if isinstance(value, (list, tuple)) else {value}
   if len(sizes) != 1:
-    raise UserError(f"config.json: vision_config.{key} is {value}; only square sizes are supported.")
+    raise UserError(f"config.json: vision_config.{key} is {value}; only square sizes are "
+                    "supported.")
   return int(sizes.pop())
 
 
@@ -348,18 +355,18 @@ def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_
     return len({k[len(prefix):].split(".")[0] for k in state
                 if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
 
+  vision_prefix, text_prefix = "visual.transformer.resblocks.", "transformer.resblocks."
   vision_width, _, patch_size, _ = shape("visual.conv1.weight")
   grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
   text_width = shape("ln_final.weight")[0]
   mlp_dim = lambda prefix: shape(f"{prefix}0.mlp.c_fc.weight")[0]
   return _named(model_lib.CLIPConfig(
       embed_dim=shape("text_projection")[1],
-      vision=model_lib.VisionConfig(width=vision_width, layers=layers("visual.transformer.resblocks."),
-                                    heads=vision_width // 64,
-                                    mlp_dim=mlp_dim("visual.transformer.resblocks."),
+      vision=model_lib.VisionConfig(width=vision_width, layers=layers(vision_prefix),
+                                    heads=vision_width // 64, mlp_dim=mlp_dim(vision_prefix),
                                     image_size=grid * patch_size, patch_size=patch_size),
-      text=model_lib.TextConfig(width=text_width, layers=layers("transformer.resblocks."),
-                                heads=text_width // 64, mlp_dim=mlp_dim("transformer.resblocks."),
+      text=model_lib.TextConfig(width=text_width, layers=layers(text_prefix),
+                                heads=text_width // 64, mlp_dim=mlp_dim(text_prefix),
                                 vocab_size=shape("token_embedding.weight")[0],
                                 context_length=shape("positional_embedding")[0]),
       activation=_activation(activation, "config_from_openclip")))
@@ -411,7 +418,8 @@ def _download(repo_id: str) -> str:
         f"and as a Hugging Face hub id it could not be fetched ({type(e).__name__}: {e}). Without "
         f"network access, download it on a machine that has one (`hf download {repo_id} --include "
         '"*.json" --include "*.txt" --include "model*.safetensors" --local-dir DIR`) and pass '
-        "DIR, or point HF_HOME at a hub cache that holds it (HF_HUB_OFFLINE=1 skips the network).") from e
+        "DIR, or point HF_HOME at a hub cache that holds it (HF_HUB_OFFLINE=1 skips the "
+        "network).") from e
 
 
 def _load_hf_dir(directory: str) -> tuple[model_lib.CLIPConfig, dict]:
@@ -435,7 +443,8 @@ def _read_hf_weights(directory: str) -> dict[str, np.ndarray]:
   if os.path.isfile(index):
     with open(index) as f:
       shards = sorted(set(json.load(f)["weight_map"].values()))
-    return {k: v for shard in shards for k, v in _read_safetensors(os.path.join(directory, shard)).items()}
+    tensors = [_read_safetensors(os.path.join(directory, shard)) for shard in shards]
+    return {k: v for shard_tensors in tensors for k, v in shard_tensors.items()}
   raise UserError(f"{directory!r} has no {HF_WEIGHTS} (nor {HF_WEIGHTS_INDEX}); only safetensors "
                   "weights are read. Re-save the model with `save_pretrained(dir)` (safetensors is "
                   "the default) or convert its pytorch_model.bin.")
@@ -485,8 +494,8 @@ def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any]
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir, cfg.text.context_length)
   if tokenizer.vocab_size != cfg.text.vocab_size:
     raise UserError(f"save_hf: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                    f"vocabulary has {cfg.text.vocab_size}; pass tokenizer_dir= holding the model's "
-                    "own tokenizer files.")
+                    f"vocabulary has {cfg.text.vocab_size}; pass tokenizer_dir= holding the "
+                    "model's own tokenizer files.")
   state = params_to_hf(params, cfg)
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)

@@ -33,7 +33,7 @@ _VOCAB_ASSET = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_BYTES = 256
 _CLIP_VOCAB_SIZE = 49408
 _NUM_MERGES = _CLIP_VOCAB_SIZE - 2 * _NUM_BYTES - 2
-# Files that make a checkpoint directory carry its own tokenizer (either is enough for transformers).
+# Files that make a checkpoint directory carry its own tokenizer (either is enough).
 _CHECKPOINT_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
@@ -92,7 +92,7 @@ class Tokenizer:
 
   @property
   def eot_token_id(self) -> int:
-    """Id of the end-of-text token (49407 in CLIP): the largest id, so text pooling can use argmax."""
+    """Id of the end-of-text token (49407 in CLIP), the largest id: text pooling uses argmax."""
     return self.backend.convert_tokens_to_ids(END_TOKEN)
 
   @property
@@ -165,8 +165,8 @@ def _check_tokenizer(tokenizer: Tokenizer, source: str) -> None:
   if size < 2 * _NUM_BYTES + 2:
     raise UserError(
         f"{source} gave a tokenizer with only {size} tokens, not a CLIP vocabulary (49408). "
-        "With transformers 5, build CLIPTokenizer from `vocab=`/`merges=` or `from_pretrained(dir)`; "
-        "`vocab_file=`/`merges_file=` are silently ignored.")
+        "With transformers 5, build CLIPTokenizer from `vocab=`/`merges=` or "
+        "`from_pretrained(dir)`; `vocab_file=`/`merges_file=` are silently ignored.")
   if None in (tokenizer.sot_token_id, tokenizer.eot_token_id) or (
       tokenizer.sot_token_id == tokenizer.eot_token_id):
     raise UserError(f"{source}: the vocabulary lacks distinct start and end tokens; use CLIP's "

@@ -36,7 +36,8 @@ def random_hf_clip(config: dict, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_hf_checkpoint(tmp_path_factory) -> str:
   """Directory of a random-weight Hugging Face checkpoint of the `tiny` architecture:
-  `config.json`, `model.safetensors` and CLIP's tokenizer files, as `save_pretrained` writes them."""
+  `config.json`, `model.safetensors` and CLIP's tokenizer files, as `save_pretrained` writes
+  them."""
   from clip_lora_jax import tokenizer
 
   directory = tmp_path_factory.mktemp("tiny_hf_checkpoint")

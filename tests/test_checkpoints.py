@@ -153,11 +153,12 @@ def test_tiny_hf_checkpoint_matches_torch(tiny):
 def test_openclip_file_matches_torch(tmp_path, activation):
   hf_model = random_hf_clip(head64_config(activation), seed=1)
   state = openclip_state(hf_model.state_dict(), text_layers=2, vision_layers=2)
-  safetensors.numpy.save_file({k: v.numpy() for k, v in state.items()}, tmp_path / "clip.safetensors")
+  file = tmp_path / "clip.safetensors"
+  safetensors.numpy.save_file({k: v.numpy() for k, v in state.items()}, file)
   (tmp_path / "open_clip_config.json").write_text(
       json.dumps({"model_cfg": {"quick_gelu": activation == "quick_gelu"}}))
 
-  cfg, params = checkpoints.load_pretrained(str(tmp_path / "clip.safetensors"))
+  cfg, params = checkpoints.load_pretrained(str(file))
   hf_cfg = checkpoints.config_from_hf(hf_model.config.to_dict())
   assert cfg == hf_cfg and cfg.activation == activation
   assert_trees_equal(params, checkpoints.params_from_hf(hf_state(hf_model), hf_cfg))
@@ -247,7 +248,8 @@ def test_save_hf_default_tokenizer_and_existing_directory(tiny, tmp_path):
   assert tokenizer_lib.load_tokenizer(str(tmp_path / "a")).vocab_size == 49408
   with pytest.raises(UserError, match="already exists"):
     checkpoints.save_hf(str(tmp_path / "a"), cfg, params)
-  with pytest.raises(UserError, match="tokenizer has 49408 tokens but the model's vocabulary has 1000"):
+  with pytest.raises(UserError, match="tokenizer has 49408 tokens but the model's vocabulary "
+                                      "has 1000"):
     small_vocab = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=1000))
     checkpoints.save_hf(str(tmp_path / "b"), small_vocab, params)
 

@@ -28,20 +28,22 @@ CLASS_NAMES = {
                    "yin_yang", "inline_skate", "water_lilly"],
     "oxford_pets": ["abyssinian", "american bulldog", "american pit bull terrier", "bengal",
                     "great pyrenees", "japanese chin", "staffordshire bull terrier", "sphynx"],
-    "stanford_cars": ["2012 Tesla Model S Sedan", "2012 BMW M3 Coupe", "1991 Volkswagen Golf Hatchback",
+    "stanford_cars": ["2012 Tesla Model S Sedan", "2012 BMW M3 Coupe",
+                      "1991 Volkswagen Golf Hatchback",
                       "2012 Mercedes-Benz Sprinter Van", "2007 Chevrolet Express Cargo Van",
                       "2012 Rolls-Royce Phantom Drophead Coupe Convertible", "2009 Spyker C8 Coupe",
                       "2012 Ram C/V Cargo Van Minivan", "2007 Ford F-150 Regular Cab"],
     "oxford_flowers": ["pink primrose", "hard-leaved pocket orchid", "sweet pea",
                        "bishop of llandaff", "king protea", "black-eyed susan", "bird of paradise",
                        "mexican aster", "ruby-lipped cattleya"],
-    "food101": ["apple pie", "baby back ribs", "crème brûlée", "eggs benedict", "pho", "takoyaki",
-                "huevos rancheros", "spaghetti carbonara", "macarons"],
-    "fgvc_aircraft": ["707-320", "727-200", "737-800", "747-400", "A300B4", "A340-500", "BAE 146-200",
-                      "Cessna 172", "DHC-1", "F/A-18", "Falcon 2000", "MD-11", "Tu-154", "Yak-42"],
+    "food101": ["apple pie", "baby back ribs", "crème brûlée", "eggs benedict", "pho",
+                "takoyaki", "huevos rancheros", "spaghetti carbonara", "macarons"],
+    "fgvc_aircraft": ["707-320", "727-200", "737-800", "747-400", "A300B4", "A340-500",
+                      "BAE 146-200", "Cessna 172", "DHC-1", "F/A-18", "Falcon 2000", "MD-11",
+                      "Tu-154", "Yak-42"],
     "sun397": ["abbey", "outdoor apartment building", "indoor apse", "airport terminal",
-               "indoor badminton court", "exterior balcony", "cultivated field", "fastfood restaurant",
-               "indoor jacuzzi", "water moat", "outdoor synagogue"],
+               "indoor badminton court", "exterior balcony", "cultivated field",
+               "fastfood restaurant", "indoor jacuzzi", "water moat", "outdoor synagogue"],
     "dtd": ["banded", "blotchy", "braided", "bubbly", "crosshatched", "crystalline", "zigzagged",
             "polka-dotted", "honeycombed"],
     "eurosat": ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
@@ -56,10 +58,11 @@ TEMPLATES = ["a photo of a {}.", "a photo of a {}, a type of aircraft.", "{} tex
 PUNCTUATION = ["Hello, world!", "what's up? it's 5 o'clock...", "(parentheses) [brackets] {braces}",
                "semi;colon: dash--dash -- em—dash", "a/b\\c|d", "#hash @at $5.00 100% & more",
                "“curly quotes” and ‘single’", "don't can't we'll they're I'm you've she'd"]
-UNICODE = ["café crème brûlée", "naïve façade Ångström", "Straße über Öl", "e\u0301 decomposed accent",
-           "东京塔 and 北京", "日本語のテキスト", "한국어 문장", "emoji 🐱🐶🚀 and 👩‍👩‍👧 family",
-           "ΟΔΟΣ Greek capitals", "Привет мир", "ＦＵＬＬＷＩＤＴＨ text", "ﬁne ligature",
-           "AT&amp;T html entity", "mojibake cafÃ©", "Ἀθῆναι"]
+UNICODE = ["café crème brûlée", "naïve façade Ångström", "Straße über Öl",
+           "e\u0301 decomposed accent", "东京塔 and 北京", "日本語のテキスト", "한국어 문장",
+           "emoji 🐱🐶🚀 and 👩‍👩‍👧 family", "ΟΔΟΣ Greek capitals", "Привет мир",
+           "ＦＵＬＬＷＩＤＴＨ text", "ﬁne ligature", "AT&amp;T html entity", "mojibake cafÃ©",
+           "Ἀθῆναι"]
 WHITESPACE = ["  leading and trailing  ", "tabs\tand\nnewlines\r\n", "many     spaces", "",
               "\u00a0non-breaking\u2009thin space", "   "]
 LONG = ["a photo of a " + " ".join(["very"] * 80) + " long name.",
@@ -78,7 +81,8 @@ def load_reference_module() -> types.ModuleType:
   try:
     dist = importlib.metadata.distribution("open_clip_torch")
   except importlib.metadata.PackageNotFoundError:
-    pytest.fail("the reference tokenizer is missing: pip install --no-deps open-clip-torch==3.3.0 ftfy")
+    pytest.fail("the reference tokenizer is missing: "
+                "pip install --no-deps open-clip-torch==3.3.0 ftfy")
   path = dist.locate_file("open_clip/tokenizer.py")
   spec = importlib.util.spec_from_file_location("open_clip_reference_tokenizer", path)
   module = importlib.util.module_from_spec(spec)
