@@ -109,9 +109,10 @@ class Tokenizer:
       return ids
     encodings = self.backend.backend_tokenizer.encode_batch(
         [clean_text(t) for t in texts], add_special_tokens=False)
+    sot, eot = self.sot_token_id, self.eot_token_id
     for row, encoding in zip(ids, encodings):
-      tokens = [self.sot_token_id, *encoding.ids, self.eot_token_id][:self.context_length]
-      tokens[-1] = self.eot_token_id
+      tokens = [sot, *encoding.ids, eot][:self.context_length]
+      tokens[-1] = eot
       row[:len(tokens)] = tokens
     return ids
 
