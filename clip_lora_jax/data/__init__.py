@@ -1,0 +1,22 @@
+"""Few-shot data of the 11 CLIP-LoRA benchmark datasets, from TFDS.
+
+  spec = data.get_dataset("eurosat")
+  few = data.load_few_shot(spec, shots=16, seed=1)
+  for batch in data.train_batches(few, batch_size=32, seed=1): ...
+  for batch in data.eval_batches(spec, "test"): ...   # with a "mask" for the padded last batch
+
+Prepare a dataset (and see what a manual download needs) with
+`python -m clip_lora_jax.data prepare NAME`; `python -m clip_lora_jax.data info NAME` shows it.
+"""
+
+from clip_lora_jax.data.fewshot import FewShotSet, load_few_shot
+from clip_lora_jax.data.pipelines import (eval_batches, few_shot_val_batches, num_examples,
+                                          train_batches)
+from clip_lora_jax.data.preprocessing import CLIP_MEAN, CLIP_STD, preprocess_for_eval
+from clip_lora_jax.data.registry import DATASET_NAMES, DEFAULT_TEMPLATE, DatasetSpec, get_dataset
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "DATASET_NAMES", "DEFAULT_TEMPLATE", "DatasetSpec", "FewShotSet",
+    "eval_batches", "few_shot_val_batches", "get_dataset", "load_few_shot", "num_examples",
+    "preprocess_for_eval", "train_batches",
+]

@@ -1,0 +1,93 @@
+"""Prepare a benchmark dataset with TFDS, or show what it holds.
+
+  python -m clip_lora_jax.data prepare NAME [--data_dir D] [--manual_dir M]
+  python -m clip_lora_jax.data info NAME [--data_dir D] [--split_file F]
+
+`prepare` downloads and prepares the TFDS data (or, for ImageNet, Stanford Cars, FGVC-Aircraft
+and UCF-101, prepares it from files you put into the manual directory, and says which) and then
+prints what `info` prints: the class count, a few class names, the templates and the sizes of the
+benchmark's train / val / test splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+
+from clip_lora_jax.data import registry, source, splits
+from clip_lora_jax.errors import UserError, exit_on_user_error
+
+_SHOWN_CLASSES = 5
+
+
+def info(name: str, data_dir: str | None, split_file: str | None) -> None:
+  """Prints the dataset's classes, templates and benchmark split sizes."""
+  spec = registry.get_dataset(name)
+  names = ", ".join(spec.class_names[:_SHOWN_CLASSES])
+  print(f"{spec.name}: TFDS {spec.tfds_name}, {spec.num_classes} classes ({names}, ...)")
+  print(f"  template: {spec.template!r}; CoOp zero-shot template: {spec.coop_template!r}; "
+        f"{len(spec.ensemble_templates)} ensemble template(s)")
+  for role in registry.ROLES:
+    if splits.has_split(spec, role, split_file):
+      count = splits.num_examples(spec, role, data_dir, split_file)
+      print(f"  {role}: {count} examples")
+    else:
+      print(f"  {role}: none in the protocol (validation shots come from train)")
+
+
+def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> None:
+  """Prepares the TFDS data of benchmark dataset `name`, then prints its `info`."""
+  spec = registry.get_dataset(name)
+  tfds_builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  root = os.fspath(tfds_builder.data_dir_root)
+  if spec.manual_download is not None:
+    manual_dir = manual_dir or source.default_manual_dir(root)
+    if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+      raise UserError(f"{name} needs a manual download: put {spec.manual_download} into "
+                      f"{manual_dir}, then run:\n  {source.prepare_command(spec, root, manual_dir)}")
+  tfds_builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  print(f"prepared {spec.tfds_name} in {root}")
+  info(name, root, split_file=None)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m clip_lora_jax.data", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=f"datasets: {', '.join(registry.DATASET_NAMES)}")
+  commands = parser.add_subparsers(dest="command", required=True)
+  data_dir_help = "TFDS data directory (default: TFDS's, ~/tensorflow_datasets)"
+  prepare_parser = commands.add_parser(
+      "prepare", help="download and prepare a dataset with TFDS",
+      description="Download and prepare a dataset with TFDS, then print its info.")
+  prepare_parser.add_argument("name", choices=registry.DATASET_NAMES, metavar="NAME")
+  prepare_parser.add_argument("--data_dir", help=data_dir_help)
+  prepare_parser.add_argument(
+      "--manual_dir", help="folder holding manually downloaded files (imagenet, stanford_cars, "
+      "fgvc_aircraft, ucf101; default: DATA_DIR/downloads/manual)")
+  info_parser = commands.add_parser(
+      "info", help="print class count, class names and split sizes",
+      description="Print a dataset's class count, a few class names, its templates and the "
+                  "sizes of its benchmark splits (the dataset must be prepared).")
+  info_parser.add_argument("name", choices=registry.DATASET_NAMES, metavar="NAME")
+  info_parser.add_argument("--data_dir", help=data_dir_help)
+  info_parser.add_argument("--split_file", help="a split_zhou_<Dataset>.json of the CoOp protocol")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = _parser().parse_args(argv)
+  with exit_on_user_error():
+    if args.command == "prepare":
+      prepare(args.name, args.data_dir, args.manual_dir)
+    else:
+      info(args.name, args.data_dir, args.split_file)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

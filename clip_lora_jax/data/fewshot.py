@@ -1,0 +1,188 @@
+"""K-shot training sets, sampled as the CLIP-LoRA reference does, and cached.
+
+Per seed, the validation shots are drawn first, min(K, 4) per class from the benchmark's val split
+(from the train split for ImageNet, which has none; they are then excluded from training), then
+K training shots per class from the train split. Indices are chosen from the labels alone; only
+the chosen images are then read, checked and kept, encoded as TFDS stores them. A class with fewer
+than K examples gets all of them plus draws with replacement up to K, with a warning (the
+reference samples with replacement too); a class with none gets no shots, with a warning.
+
+A corrupt chosen image is an error that names it (re-prepare the dataset), never skipped: a
+skipped image would silently change K.
+
+The result is cached in `cache_dir` as an .npz keyed by the prepared dataset, the benchmark
+definition, the split file's content, K and the seed; it is written through a temporary file and
+a rename, so concurrent runs never read half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from clip_lora_jax.data import preprocessing, source, splits
+from clip_lora_jax.data.registry import DatasetSpec
+from clip_lora_jax.errors import UserError
+
+MAX_VAL_SHOTS = 4
+# Bump when the sampling changes, so that stale caches are not reused.
+_SAMPLER_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotSet:
+  """A K-shot training set and its validation shots.
+
+  Attributes:
+    images: encoded images (JPEG / PNG bytes as TFDS stores them), decoded by the pipelines.
+    labels: int32 benchmark labels of `images`.
+    val_images, val_labels: the validation shots, disjoint from the training ones.
+    num_classes: number of benchmark classes.
+  """
+  images: list[bytes]
+  labels: np.ndarray
+  val_images: list[bytes]
+  val_labels: np.ndarray
+  num_classes: int
+
+
+def sample_shots(labels: np.ndarray, class_names: Sequence[str], shots: int,
+                 rng: np.random.Generator, exclude: np.ndarray | None = None,
+                 what: str = "train") -> np.ndarray:
+  """Positions of `shots` examples of each class of `labels`, not in `exclude`.
+
+  Without replacement when a class has enough examples; otherwise all of them, in random order,
+  then draws with replacement up to `shots` (warned). Classes are visited in label order.
+  """
+  available = np.ones(len(labels), bool)
+  if exclude is not None:
+    available[exclude] = False
+  order = np.argsort(labels, kind="stable")
+  bounds = np.searchsorted(labels[order], np.arange(len(class_names) + 1))
+  chosen, short, empty = [], [], []
+  for label, name in enumerate(class_names):
+    members = order[bounds[label]:bounds[label + 1]]
+    members = members[available[members]]
+    if len(members) >= shots:
+      chosen.append(rng.choice(members, shots, replace=False))
+    elif len(members):
+      short.append(f"{name} ({len(members)})")
+      chosen.append(np.concatenate([rng.permutation(members),
+                                    rng.choice(members, shots - len(members))]))
+    else:
+      empty.append(name)
+  if short:
+    warnings.warn(f"{len(short)} classes have fewer than {shots} {what} examples and are filled "
+                  f"up by sampling with replacement: {', '.join(short)}")
+  if empty:
+    warnings.warn(f"{len(empty)} classes have no {what} examples and get no shots: "
+                  f"{', '.join(empty)}")
+  return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+
+
+def _read_images(spec: DatasetSpec, data_dir: str | None,
+                 chosen: splits.Examples) -> list[bytes]:
+  """The encoded images of `chosen` (duplicates allowed), in order, one pass per TFDS split."""
+  tfds_builder = source.builder(spec, data_dir)
+  images: dict[tuple[str, int], bytes] = {}
+  for split in np.unique(chosen.tfds_split):
+    indices = np.unique(chosen.index[chosen.tfds_split == split])
+    for index, image in source.selected(spec, tfds_builder, split, indices).as_numpy_iterator():
+      images[split, int(index)] = image
+  return [images[split, int(index)] for split, index in zip(chosen.tfds_split, chosen.index)]
+
+
+def corrupt_images(images: Sequence[bytes]) -> list[int]:
+  """Positions of the images that do not decode (decoded in parallel, errors skipped)."""
+  def decoded_size(position, encoded):
+    return position, tf.size(preprocessing.decode_image(encoded))
+  ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(images), tf.string)).enumerate()
+  ds = ds.map(decoded_size, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  decoded = {int(position) for position, _ in ds.as_numpy_iterator()}
+  return [i for i in range(len(images)) if i not in decoded]
+
+
+def _check_decodable(spec: DatasetSpec, chosen: splits.Examples, images: list[bytes]) -> None:
+  corrupt = corrupt_images(images)
+  if corrupt:
+    raise UserError(
+        f"{len(corrupt)} chosen {spec.name} images do not decode, e.g. "
+        f"{chosen.describe(corrupt[0])}: the prepared TFDS data is damaged; delete it and "
+        f"prepare {spec.name} again")
+
+
+def _pack(images: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+  """Byte strings -> (concatenated uint8 buffer, offsets of length n + 1)."""
+  offsets = np.cumsum([0, *map(len, images)], dtype=np.int64)
+  return np.frombuffer(b"".join(images), np.uint8), offsets
+
+
+def _unpack(buffer: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+  data = buffer.tobytes()
+  return [data[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+
+
+def _save(path: str, few: FewShotSet) -> None:
+  images, offsets = _pack(few.images)
+  val_images, val_offsets = _pack(few.val_images)
+  source.save_npz_atomic(path, images=images, offsets=offsets, labels=few.labels,
+                         val_images=val_images, val_offsets=val_offsets,
+                         val_labels=few.val_labels, num_classes=few.num_classes)
+
+
+def _load(path: str) -> FewShotSet:
+  with np.load(path) as f:
+    return FewShotSet(_unpack(f["images"], f["offsets"]), f["labels"],
+                      _unpack(f["val_images"], f["val_offsets"]), f["val_labels"],
+                      int(f["num_classes"]))
+
+
+def _sample(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None,
+            split_file: str | None, cache_dir: str | None) -> FewShotSet:
+  train = splits.benchmark_split(spec, "train", data_dir, split_file, cache_dir)
+  has_val = splits.has_split(spec, "val", split_file)
+  val_pool = splits.benchmark_split(spec, "val", data_dir, split_file, cache_dir) if has_val else train
+  rng = np.random.default_rng(seed)
+  val_positions = sample_shots(val_pool.label, spec.class_names, min(shots, MAX_VAL_SHOTS), rng,
+                               what="validation")
+  train_positions = sample_shots(train.label, spec.class_names, shots, rng,
+                                 exclude=None if has_val else val_positions)
+  chosen = [train.subset(train_positions), val_pool.subset(val_positions)]
+  images = [_read_images(spec, data_dir, examples) for examples in chosen]
+  for examples, encoded in zip(chosen, images):
+    _check_decodable(spec, examples, encoded)
+  return FewShotSet(images[0], chosen[0].label.astype(np.int32), images[1],
+                    chosen[1].label.astype(np.int32), spec.num_classes)
+
+
+def load_few_shot(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None = None,
+                  split_file: str | None = None, cache_dir: str | None = None) -> FewShotSet:
+  """The `shots`-shot training set of `spec` for `seed` (see the module docstring).
+
+  Args:
+    spec: the dataset.
+    shots: K, training examples per class (>= 1).
+    seed: sampling seed (>= 0); the same seed gives the same set.
+    data_dir: TFDS data directory (TFDS's default when None).
+    split_file: the protocol's `split_zhou_<Dataset>.json`, to sample from its exact splits.
+    cache_dir: where to cache the set (`source.default_cache_dir()` when None).
+  """
+  if shots < 1 or seed < 0:
+    raise UserError(f"few-shot {spec.name}: shots must be >= 1 and seed >= 0, got shots={shots}, "
+                    f"seed={seed}")
+  tfds_builder = source.builder(spec, data_dir)
+  if not tfds_builder.is_prepared():  # e.g. tfds.testing.mock_data: nothing worth caching.
+    return _sample(spec, shots, seed, data_dir, split_file, cache_dir)
+  cache = source.cache_path(
+      cache_dir or source.default_cache_dir(), "fewshot", tfds_builder, spec.name, spec.splits,
+      spec.label_map, splits.split_file_digest(split_file), shots, seed, _SAMPLER_VERSION)
+  if os.path.exists(cache):
+    return _load(cache)
+  few = _sample(spec, shots, seed, data_dir, split_file, cache_dir)
+  _save(cache, few)
+  return few

@@ -1,0 +1,162 @@
+"""Train and eval batches as numpy dicts, from tf.data pipelines.
+
+Train batches are a pure function of (seed, step): sample position p = step * batch_size + row
+belongs to epoch p // n, whose order is a permutation seeded by (seed, epoch), and its
+augmentation is seeded by (seed, p). Resuming at a step, or computing only some rows of a batch on
+another host, therefore gives exactly the batches of one uninterrupted single-host run.
+
+Eval batches visit every example of a benchmark split once. With P processes each takes a
+contiguous 1/P of the examples and yields batch_size / P rows per batch; every process yields
+the same number of batches, the last ones padded with `mask` = 0 rows (label 0, zero image), so
+shapes stay static under jit and padding is never counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from clip_lora_jax.data import preprocessing, source, splits
+from clip_lora_jax.data.fewshot import FewShotSet
+from clip_lora_jax.data.registry import DatasetSpec
+from clip_lora_jax.errors import UserError
+
+Batch = dict[str, np.ndarray]
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """This process's rows [start, end) of every global batch."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise UserError(f"process_index {process_index} is not in [0, process_count = {process_count})")
+  if batch_size < 1 or batch_size % process_count:
+    raise UserError(f"batch size {batch_size} must be positive and divisible by the process "
+                    f"count {process_count}")
+  local = batch_size // process_count
+  return process_index * local, (process_index + 1) * local
+
+
+def train_positions(num_examples: int, batch_size: int, seed: int, start_step: int,
+                    rows: tuple[int, int]) -> Iterator[tuple[int, int]]:
+  """(sample position, example index) of rows [start, end) of batches start_step, start_step+1...
+
+  Epoch e is `np.random.default_rng([seed, e]).permutation(num_examples)`; epochs follow each
+  other and are cut into batches regardless of epoch boundaries.
+  """
+  epoch, order = -1, None
+  for step in itertools.count(start_step):
+    for row in range(*rows):
+      position = step * batch_size + row
+      if position // num_examples != epoch:
+        epoch = position // num_examples
+        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+      yield position, int(order[position % num_examples])
+
+
+def train_batches(few: FewShotSet, batch_size: int = 32, image_size: int = 224, seed: int = 1,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[Batch]:
+  """Endless augmented training batches {"image": float32 (B/P, S, S, 3), "label": int32 (B/P,)}.
+
+  Batch k (counting from 0) is the same whatever `start_step` the iterator started from, and
+  process i of P gets its rows [i * B / P, (i + 1) * B / P).
+  """
+  if not few.images:
+    raise UserError("the few-shot set is empty: no class has training examples")
+  if seed < 0 or start_step < 0:
+    raise UserError(f"seed and start_step must be >= 0, got {seed} and {start_step}")
+  rows = _local_rows(batch_size, process_index, process_count)
+  images = tf.constant(few.images, tf.string)
+  labels = tf.constant(few.labels, tf.int32)
+  positions = tf.data.Dataset.from_generator(
+      lambda: train_positions(len(few.images), batch_size, seed, start_step, rows),
+      output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64)))
+
+  def example(position, index):
+    image = preprocessing.decode_image(tf.gather(images, index))
+    augment_seed = tf.stack([tf.constant(seed, tf.int64), position])
+    return {"image": preprocessing.train_preprocess(image, image_size, augment_seed),
+            "label": tf.gather(labels, index)}
+
+  ds = positions.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(rows[1] - rows[0], drop_remainder=True).prefetch(2).as_numpy_iterator()
+
+
+def _padded_batches(images_and_labels: tf.data.Dataset, count: int, local_batch: int,
+                    num_batches: int, image_size: int) -> tf.data.Dataset:
+  """`count` (image, label) pairs, padded with masked rows up to `num_batches` full batches."""
+  def real(image, label):
+    return {"image": image, "label": label, "mask": tf.constant(1, tf.int32)}
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros((image_size, image_size, 3), tf.float32),
+      "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32),
+  }).repeat(num_batches * local_batch - count)
+  ds = images_and_labels.map(real).concatenate(padding)
+  return ds.batch(local_batch, drop_remainder=True).prefetch(2)
+
+
+def _eval_images(encoded: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
+  return encoded.map(lambda image, label: (
+      preprocessing.eval_preprocess(preprocessing.decode_image(image), image_size), label),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _reraise_corrupt(batches: Iterator[Batch], where: str) -> Iterator[Batch]:
+  """Turns TensorFlow's decoding failure of a damaged image into a `UserError`."""
+  try:
+    yield from batches
+  except tf.errors.InvalidArgumentError as e:
+    raise UserError(f"an image of {where} does not decode ({e.message}): the prepared TFDS data "
+                    "is damaged; delete it and prepare the dataset again") from e
+
+
+def eval_batches(spec: DatasetSpec, split: str = "test", batch_size: int = 256,
+                 image_size: int = 224, data_dir: str | None = None,
+                 split_file: str | None = None, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
+  """Every example of benchmark split `split` once: {"image", "label", "mask"} batches.
+
+  `batch_size` is global; each process yields batch_size / process_count rows per batch (see
+  the module docstring). A damaged image raises a `UserError`.
+  """
+  rows = _local_rows(batch_size, process_index, process_count)
+  local_batch = rows[1] - rows[0]
+  examples = splits.benchmark_split(spec, split, data_dir, split_file)
+  n = len(examples)
+  start, end = process_index * n // process_count, (process_index + 1) * n // process_count
+  mine = examples.subset(np.arange(start, end))
+  tfds_builder = source.builder(spec, data_dir)
+  encoded = tf.data.Dataset.from_tensor_slices((np.zeros(0, bytes), np.zeros(0, np.int32)))
+  for tfds_split in dict.fromkeys(mine.tfds_split):
+    part = mine.subset(np.flatnonzero(mine.tfds_split == tfds_split))
+    images = source.selected(spec, tfds_builder, tfds_split, part.index)
+    labels = tf.data.Dataset.from_tensor_slices(part.label.astype(np.int32))
+    encoded = encoded.concatenate(tf.data.Dataset.zip((images, labels)).map(
+        lambda indexed, label: (indexed[1], label)))
+  num_batches = _ceil_div(_ceil_div(n, process_count), local_batch)
+  ds = _padded_batches(_eval_images(encoded, image_size), end - start, local_batch, num_batches,
+                       image_size)
+  return _reraise_corrupt(ds.as_numpy_iterator(), f"{spec.name} {split}")
+
+
+def few_shot_val_batches(few: FewShotSet, batch_size: int = 256,
+                         image_size: int = 224) -> Iterator[Batch]:
+  """The validation shots of `few` as eval batches ({"image", "label", "mask"}, one process)."""
+  count = len(few.val_images)
+  encoded = tf.data.Dataset.from_tensor_slices(
+      (tf.constant(few.val_images, tf.string), few.val_labels.astype(np.int32)))
+  ds = _padded_batches(_eval_images(encoded, image_size), count, batch_size,
+                       _ceil_div(count, batch_size), image_size)
+  return ds.as_numpy_iterator()
+
+
+def num_examples(spec: DatasetSpec, split: str, data_dir: str | None = None,
+                 split_file: str | None = None) -> int:
+  """How many examples benchmark split `split` has (what eval_batches visits, padding aside)."""
+  return splits.num_examples(spec, split, data_dir, split_file)

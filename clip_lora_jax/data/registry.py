@@ -1,0 +1,285 @@
+"""The 11 benchmark datasets of the CoOp few-shot protocol (followed by CLIP-LoRA), as TFDS datasets.
+
+A `DatasetSpec` says which TFDS dataset holds a benchmark, which TFDS examples form its train /
+val / test splits, what its classes are called in prompts, and which templates prompt them.
+
+Class names are the benchmark's, ready to be put into a template: the label order is the one of
+the CoOp protocol (so that the labels of its `split_zhou_<Dataset>.json` files and the base / novel
+halves of base-to-novel experiments match), and underscores are already spaces (the protocol
+replaces them when it builds prompts). They are derived from the label names of the TFDS builder,
+so a spec is built without any data on disk.
+
+Where TFDS's splits are not the benchmark's, the benchmark splits are carved from TFDS splits per
+class, at random with a fixed seed, in the protocol's proportions (`Carve`); a split file of the
+protocol, when given, replaces that by the protocol's exact lists of files (see `splits.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import json
+from collections.abc import Callable, Mapping
+
+import tensorflow_datasets as tfds
+
+from clip_lora_jax.data import builders  # pylint: disable=unused-import  (registers our builders)
+from clip_lora_jax.errors import UserError
+
+# CLIP-LoRA trains and tests every dataset with this single template.
+DEFAULT_TEMPLATE = "a photo of a {}."
+ROLES = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Carve:
+  """A benchmark split cut at random, class by class, out of a pool of TFDS splits.
+
+  Each class's examples are shuffled with a fixed seed and cut into consecutive parts of
+  `round(n * fraction)` examples, the last part taking the rest (the CoOp protocol's rule);
+  `part` selects one of them.
+  """
+  pool: tuple[str, ...]
+  fractions: tuple[float, ...]
+  part: int
+
+
+# A benchmark split is either every example of some TFDS splits, or a carved part of them.
+SplitSource = tuple[str, ...] | Carve
+# (TFDS split, file name feature, TFDS class name) -> the image path used in the split file.
+SplitFilePath = Callable[[str, str, str], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """One benchmark dataset: where its examples are in TFDS and how to prompt its classes.
+
+  Attributes:
+    name: benchmark name (a key of `DATASET_NAMES`).
+    tfds_name: TFDS builder name, with config (e.g. `eurosat/rgb`).
+    class_names: benchmark class names in benchmark label order, ready for a template.
+    splits: benchmark role ("train", "val", "test") -> its `SplitSource`. A dataset without a
+      "val" role (ImageNet) draws its validation shots from the train split.
+    label_map: TFDS label id -> benchmark label id, -1 for a dropped class; None is the identity.
+    coop_template: the CoOp protocol's zero-shot template for this dataset.
+    ensemble_templates: templates for prompt ensembling (CLIP's 80 for ImageNet); defaults to
+      `(coop_template,)`.
+    template: the single template of CLIP-LoRA.
+    image_key, label_key: TFDS feature names of the image and the label.
+    file_key: TFDS feature holding each example's file name, None if TFDS keeps none.
+    split_file_path: turns an example's (TFDS split, file name, TFDS class name) into its path in
+      the protocol's split file; None means the file name as is.
+    split_file_name: the protocol's split file for this dataset, for messages.
+    manual_download: what to put into the TFDS manual directory before preparing, or None when
+      TFDS downloads the data itself.
+  """
+  name: str
+  tfds_name: str
+  class_names: tuple[str, ...]
+  splits: Mapping[str, SplitSource]
+  label_map: tuple[int, ...] | None = None
+  coop_template: str = DEFAULT_TEMPLATE
+  ensemble_templates: tuple[str, ...] = ()
+  template: str = DEFAULT_TEMPLATE
+  image_key: str = "image"
+  label_key: str = "label"
+  file_key: str | None = None
+  split_file_path: SplitFilePath | None = None
+  split_file_name: str | None = None
+  manual_download: str | None = None
+
+  def __post_init__(self):
+    if not self.ensemble_templates:
+      object.__setattr__(self, "ensemble_templates", (self.coop_template,))
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def tfds_splits(self) -> tuple[str, ...]:
+    """Every TFDS split the benchmark splits draw from, in first-use order."""
+    names = []
+    for source in self.splits.values():
+      for split in (source.pool if isinstance(source, Carve) else source):
+        if split not in names:
+          names.append(split)
+    return tuple(names)
+
+
+def _carved(pool: tuple[str, ...], fractions: tuple[float, ...],
+            roles: tuple[str, ...]) -> dict[str, Carve]:
+  """Roles taking consecutive parts of `pool` carved in `fractions`."""
+  return {role: Carve(pool, fractions, part) for part, role in enumerate(roles)}
+
+
+# Random 50/20/30 split of every image (Caltech-101, Flowers-102, Food-101, DTD, EuroSAT).
+def _random_50_20_30(pool: tuple[str, ...]) -> dict[str, Carve]:
+  return _carved(pool, (0.5, 0.2, 0.3), ROLES)
+
+
+# Official test split; the official train split cut 80/20 into train and val.
+_OFFICIAL_TEST_TRAIN_80_20 = {**_carved(("train",), (0.8, 0.2), ("train", "val")),
+                              "test": ("test",)}
+
+
+def _asset(name: str) -> str:
+  return importlib.resources.files("clip_lora_jax.data").joinpath("assets", name).read_text()
+
+
+def _tfds_class_names(tfds_name: str) -> list[str]:
+  """The label names of a TFDS builder, from its code (no data needed)."""
+  return list(tfds.builder(tfds_name).info.features["label"].names)
+
+
+def _prompt_ready(names) -> tuple[str, ...]:
+  return tuple(name.replace("_", " ") for name in names)
+
+
+def _imagenet() -> DatasetSpec:
+  curated = json.loads(_asset("imagenet.json"))
+  return DatasetSpec(
+      name="imagenet", tfds_name="imagenet2012", class_names=tuple(curated["class_names"]),
+      splits={"train": ("train",), "test": ("validation",)},
+      ensemble_templates=tuple(curated["templates"]), file_key="file_name",
+      manual_download=("ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (register at "
+                       "https://image-net.org/download-images to get them)"))
+
+
+def _sun397() -> DatasetSpec:
+  # "/a/apartment_building/outdoor" -> "outdoor apartment building".
+  names = [" ".join(reversed(n.split("/")[2:])) for n in _tfds_class_names("sun397")]
+  return DatasetSpec(
+      name="sun397", tfds_name="sun397/standard-part1-120k", class_names=_prompt_ready(names),
+      splits=_OFFICIAL_TEST_TRAIN_80_20, file_key="file_name",
+      split_file_path=lambda split, file_name, cls: file_name.lstrip("/"),
+      split_file_name="split_zhou_SUN397.json")
+
+
+def _fgvc_aircraft() -> DatasetSpec:
+  return DatasetSpec(
+      name="fgvc_aircraft", tfds_name="fgvc_aircraft",
+      class_names=tuple(_tfds_class_names("fgvc_aircraft")),
+      splits={"train": ("train",), "val": ("validation",), "test": ("test",)},
+      coop_template="a photo of a {}, a type of aircraft.", file_key="file_name",
+      manual_download=builders.fgvc_aircraft.MANUAL_FILES)
+
+
+_EUROSAT_NAMES = {
+    "AnnualCrop": "Annual Crop Land", "Forest": "Forest",
+    "HerbaceousVegetation": "Herbaceous Vegetation Land", "Highway": "Highway or Road",
+    "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings",
+    "River": "River", "SeaLake": "Sea or Lake",
+}
+
+
+def _eurosat() -> DatasetSpec:
+  return DatasetSpec(
+      name="eurosat", tfds_name="eurosat/rgb",
+      class_names=tuple(_EUROSAT_NAMES[n] for n in _tfds_class_names("eurosat/rgb")),
+      splits=_random_50_20_30(("train",)), coop_template="a centered satellite photo of {}.",
+      file_key="filename", split_file_path=lambda split, file_name, cls: f"{cls}/{file_name}",
+      split_file_name="split_zhou_EuroSAT.json")
+
+
+def _stanford_cars() -> DatasetSpec:
+  # "Acura RL Sedan 2012" -> "2012 Acura RL Sedan".
+  names = [" ".join([n.split(" ")[-1], *n.split(" ")[:-1]]) for n in _tfds_class_names("cars196")]
+  return DatasetSpec(
+      name="stanford_cars", tfds_name="cars196", class_names=tuple(names),
+      splits=_OFFICIAL_TEST_TRAIN_80_20, file_key="id",
+      split_file_path=lambda split, file_name, cls: f"cars_{split}/{file_name}.jpg",
+      split_file_name="split_zhou_StanfordCars.json",
+      manual_download=("cars_train.tgz, cars_test.tgz, car_devkit.tgz and "
+                       "cars_test_annos_withlabels.mat (the original Stanford download links are "
+                       "dead: get these four files, under these names, from a mirror)"))
+
+
+def _food101() -> DatasetSpec:
+  return DatasetSpec(
+      name="food101", tfds_name="food101", class_names=_prompt_ready(_tfds_class_names("food101")),
+      splits=_random_50_20_30(("train", "validation")),
+      coop_template="a photo of {}, a type of food.", split_file_name="split_zhou_Food101.json")
+
+
+def _oxford_pets() -> DatasetSpec:
+  names = [n.lower() for n in _tfds_class_names("oxford_iiit_pet")]
+  return DatasetSpec(
+      name="oxford_pets", tfds_name="oxford_iiit_pet", class_names=_prompt_ready(names),
+      splits=_OFFICIAL_TEST_TRAIN_80_20, coop_template="a photo of a {}, a type of pet.",
+      file_key="file_name", split_file_name="split_zhou_OxfordPets.json")
+
+
+# TFDS's Flowers-102 names differ from the protocol's `cat_to_name.json` in two places.
+_FLOWERS_NAMES = {"pink-yellow dahlia?": "pink-yellow dahlia", "lotus": "lotus lotus"}
+
+
+def _oxford_flowers() -> DatasetSpec:
+  names = [_FLOWERS_NAMES.get(n, n) for n in _tfds_class_names("oxford_flowers102")]
+  return DatasetSpec(
+      name="oxford_flowers", tfds_name="oxford_flowers102", class_names=tuple(names),
+      splits=_random_50_20_30(("train", "validation", "test")),
+      coop_template="a photo of a {}, a type of flower.", file_key="file_name",
+      split_file_name="split_zhou_OxfordFlowers.json")
+
+
+# TFDS lower-cases Caltech-101's folder names; the protocol sorts the original ones (capitals
+# first), drops two folders and renames four classes.
+_CALTECH_FOLDERS = {"background_google": "BACKGROUND_Google", "faces": "Faces",
+                    "faces_easy": "Faces_easy", "leopards": "Leopards", "motorbikes": "Motorbikes"}
+_CALTECH_DROPPED = ("BACKGROUND_Google", "Faces_easy")
+_CALTECH_NAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard",
+                  "Motorbikes": "motorbike"}
+
+
+def _caltech_folder(tfds_name: str) -> str:
+  return _CALTECH_FOLDERS.get(tfds_name, tfds_name)
+
+
+def _caltech101() -> DatasetSpec:
+  folders = [_caltech_folder(n) for n in _tfds_class_names("caltech101")]
+  kept = sorted(f for f in folders if f not in _CALTECH_DROPPED)
+  label_map = tuple(kept.index(f) if f in kept else -1 for f in folders)
+  return DatasetSpec(
+      name="caltech101", tfds_name="caltech101",
+      class_names=_prompt_ready(_CALTECH_NAMES.get(f, f) for f in kept),
+      splits=_random_50_20_30(("train", "test")), label_map=label_map,
+      file_key="image/file_name",
+      split_file_path=lambda split, file_name, cls: f"{_caltech_folder(cls)}/{file_name}",
+      split_file_name="split_zhou_Caltech101.json")
+
+
+def _dtd() -> DatasetSpec:
+  return DatasetSpec(
+      name="dtd", tfds_name="dtd", class_names=_prompt_ready(_tfds_class_names("dtd")),
+      splits=_random_50_20_30(("train", "validation", "test")), coop_template="{} texture.",
+      file_key="file_name", split_file_name="split_zhou_DescribableTextures.json")
+
+
+def _ucf101() -> DatasetSpec:
+  return DatasetSpec(
+      name="ucf101", tfds_name="ucf101_midframes",
+      class_names=_prompt_ready(_tfds_class_names("ucf101_midframes")),
+      splits={**_carved(("train",), (0.8, 0.2), ("train", "val")), "test": ("test",)},
+      coop_template="a photo of a person doing {}.", file_key="file_name",
+      split_file_name="split_zhou_UCF101.json",
+      manual_download=builders.ucf101_frames.MANUAL_FILES)
+
+
+_FACTORIES: dict[str, Callable[[], DatasetSpec]] = {
+    "imagenet": _imagenet, "sun397": _sun397, "fgvc_aircraft": _fgvc_aircraft,
+    "eurosat": _eurosat, "stanford_cars": _stanford_cars, "food101": _food101,
+    "oxford_pets": _oxford_pets, "oxford_flowers": _oxford_flowers, "caltech101": _caltech101,
+    "dtd": _dtd, "ucf101": _ucf101,
+}
+DATASET_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+@functools.lru_cache(maxsize=None)
+def get_dataset(name: str) -> DatasetSpec:
+  """The spec of benchmark dataset `name` (one of `DATASET_NAMES`)."""
+  if name not in _FACTORIES:
+    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+  return _FACTORIES[name]()
