@@ -1,0 +1,315 @@
+"""Splits, few-shot sampling, caching and eval coverage on a small real TFDS dataset on disk.
+
+`tfds.testing.mock_data` ignores splits and slicing, so this file prepares a tiny TFDS dataset
+whose every image is a solid colour encoding its example id: any image read back, in a few-shot
+set or an eval batch, tells exactly which example it is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from clip_lora_jax import data
+from clip_lora_jax.data import source, splits
+from clip_lora_jax.data.registry import Carve, DatasetSpec
+from clip_lora_jax.errors import UserError
+
+CLASSES = ("zero", "one", "two", "three", "four")
+TRAIN_COUNTS = (12, 10, 9, 8, 3)  # class "four" is short
+TEST_COUNTS = (3, 4, 5, 2, 3)  # 17 examples
+TEST_ID_BASE = 1000
+CORRUPT_ID = 5
+
+
+def toy_examples(split: str) -> list[tuple[int, int, str]]:
+  """(example id, label, file name) of a toy split; ids are unique across splits."""
+  counts, base = (TRAIN_COUNTS, 0) if split == "train" else (TEST_COUNTS, TEST_ID_BASE)
+  examples = []
+  for label, count in enumerate(counts):
+    for _ in range(count):
+      example_id = base + len(examples)
+      examples.append((example_id, label, f"{CLASSES[label]}/img_{example_id:04d}.png"))
+  return examples
+
+
+def toy_png(example_id: int) -> bytes:
+  pixels = np.zeros((8, 8, 3), np.uint8)
+  pixels[..., 0], pixels[..., 1], pixels[..., 2] = example_id % 256, example_id // 256, 77
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+class ClipLoraJaxToy(tfds.core.GeneratorBasedBuilder):
+  """5 classes, splits train (42) and test (17); config `corrupt` damages train image 5."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="clean"),
+                     tfds.core.BuilderConfig(name="corrupt")]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=CLASSES),
+        "file_name": tfds.features.Text(),
+    }))
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(split) for split in ("train", "test")}
+
+  def _generate_examples(self, split):
+    corrupt = self.builder_config.name == "corrupt"
+    for example_id, label, file_name in toy_examples(split):
+      image = b"not an image" if corrupt and example_id == CORRUPT_ID else toy_png(example_id)
+      yield file_name, {"image": image, "label": label, "file_name": file_name}
+
+
+def toy_spec(config: str = "clean", **overrides) -> DatasetSpec:
+  """The toy dataset as a benchmark: train carved 75/25 into train / val, TFDS test as test."""
+  fields = dict(name="toy", tfds_name=f"clip_lora_jax_toy/{config}", class_names=CLASSES,
+                splits={"train": Carve(("train",), (0.75, 0.25), 0),
+                        "val": Carve(("train",), (0.75, 0.25), 1), "test": ("test",)},
+                file_key="file_name")
+  return DatasetSpec(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir with both toy configs prepared, in 3 shards per split."""
+  directory = str(tmp_path_factory.mktemp("tfds"))
+  for config in ("clean", "corrupt"):
+    tfds.builder(f"clip_lora_jax_toy/{config}", data_dir=directory).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=3))
+  return directory
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> str:
+  directory = str(tmp_path / "cache")
+  monkeypatch.setenv(source.CACHE_ENV, directory)
+  return directory
+
+
+def image_id(encoded: bytes) -> int:
+  pixel = np.asarray(Image.open(io.BytesIO(encoded)))[0, 0]
+  return int(pixel[0]) + 256 * int(pixel[1])
+
+
+def eval_ids(batch: dict) -> np.ndarray:
+  """Example ids of an eval batch's images (solid colours survive resizing and cropping)."""
+  pixels = (batch["image"][:, 4, 4] * np.asarray(data.CLIP_STD) + np.asarray(data.CLIP_MEAN)) * 255
+  return np.round(pixels[:, 0] + 256 * pixels[:, 1]).astype(int)
+
+
+def label_of(example_id: int) -> int:
+  split = "test" if example_id >= TEST_ID_BASE else "train"
+  return {i: label for i, label, _ in toy_examples(split)}[example_id]
+
+
+def few_shot(spec, shots, seed, data_dir, **kwargs) -> data.FewShotSet:
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # class "four" is short on purpose
+    return data.load_few_shot(spec, shots, seed, data_dir=data_dir, **kwargs)
+
+
+def test_catalog_follows_tfds_canonical_order_across_shards(data_dir):
+  spec = toy_spec()
+  builder = source.builder(spec, data_dir)
+  assert builder.info.splits["train"].num_shards == 3
+  catalog = source.catalog(spec, builder, "train", None)
+  expected = {file_name: label for _, label, file_name in toy_examples("train")}
+  names = [n.decode() for n in catalog.file_names]
+  assert sorted(names) == sorted(expected)
+  assert list(catalog.labels) == [expected[n] for n in names]
+  # Reading examples by index gives the catalogued ones.
+  indices = np.array([0, 7, 20, 41])
+  read = list(source.selected(spec, builder, "train", indices).as_numpy_iterator())
+  assert [int(i) for i, _ in read] == list(indices)
+  for (_, encoded), index in zip(read, indices):
+    assert f"img_{image_id(encoded):04d}" in names[index]
+
+
+def test_carved_splits_are_disjoint_cover_train_and_keep_proportions(data_dir):
+  spec = toy_spec()
+  train = splits.benchmark_split(spec, "train", data_dir)
+  val = splits.benchmark_split(spec, "val", data_dir)
+  assert not set(train.index) & set(val.index)
+  assert sorted([*train.index, *val.index]) == list(range(sum(TRAIN_COUNTS)))
+  for label, count in enumerate(TRAIN_COUNTS):
+    assert np.sum(train.label == label) == round(count * 0.75)
+  again = splits.benchmark_split(spec, "train", data_dir)
+  np.testing.assert_array_equal(train.index, again.index)
+  assert data.num_examples(spec, "test", data_dir=data_dir) == sum(TEST_COUNTS)
+
+
+def test_carve_is_coop_rounding_per_class():
+  labels = np.repeat([0, 1, 2], [3000, 2500, 7])
+  parts = [splits.carve(labels, (0.5, 0.2, 0.3), part) for part in range(3)]
+  counts = [[int(np.sum(labels[p] == c)) for c in range(3)] for p in parts]
+  assert counts == [[1500, 1250, 4], [600, 500, 1], [900, 750, 2]]
+  assert sorted(np.concatenate(parts)) == list(range(len(labels)))
+
+
+def test_few_shot_has_exactly_k_per_class_and_disjoint_validation(data_dir):
+  spec = toy_spec()
+  with pytest.warns(UserWarning) as caught:
+    few = data.load_few_shot(spec, 4, seed=1, data_dir=data_dir)
+  warned = " ".join(str(w.message) for w in caught)
+  assert "fewer than 4 train examples" in warned and "four (2)" in warned  # 2 of its 3 carved
+  assert few.num_classes == 5 and few.labels.dtype == np.int32
+  assert np.bincount(few.labels).tolist() == [4] * 5
+  # min(K, 4) validation shots per class, filled up with replacement as well (val holds 1-3).
+  assert np.bincount(few.val_labels).tolist() == [4] * 5
+  ids = [image_id(image) for image in few.images]
+  val_ids = [image_id(image) for image in few.val_images]
+  assert [label_of(i) for i in ids] == few.labels.tolist()
+  assert [label_of(i) for i in val_ids] == few.val_labels.tolist()
+  full = few.labels < 4
+  assert len(set(np.asarray(ids)[full])) == full.sum()  # no duplicates without a shortage
+  assert not set(ids) & set(val_ids)
+  val_split = splits.benchmark_split(spec, "val", data_dir)
+  val_names = {n.decode() for n in val_split.file_name}
+  assert all(f"img_{i:04d}" in " ".join(val_names) for i in val_ids)
+
+
+def test_few_shot_is_deterministic_in_the_seed_and_cached(data_dir, cache_dir, monkeypatch):
+  spec = toy_spec()
+  first = few_shot(spec, 2, 7, data_dir)
+  assert any(name.endswith(".npz") for _, _, files in os.walk(cache_dir) for name in files)
+  other = few_shot(spec, 2, 8, data_dir)
+  assert first.images != other.images
+
+  def no_reading(*args):
+    raise AssertionError("a cached few-shot set must not read TFDS")
+  monkeypatch.setattr(source, "selected", no_reading)
+  cached = few_shot(spec, 2, 7, data_dir)
+  assert cached.images == first.images
+  np.testing.assert_array_equal(cached.labels, first.labels)
+  np.testing.assert_array_equal(cached.val_labels, first.val_labels)
+
+
+def test_without_a_val_split_validation_shots_come_from_train_and_are_excluded(data_dir):
+  spec = toy_spec(splits={"train": ("train",), "test": ("test",)})  # like ImageNet
+  few = few_shot(spec, 8, 0, data_dir)
+  ids = {image_id(image) for image in few.images}
+  val_ids = {image_id(image) for image in few.val_images}
+  assert not ids & val_ids and all(i < TEST_ID_BASE for i in ids | val_ids)
+  # Class "two" has 9 images: 4 go to validation, the 5 left fill 8 shots with replacement.
+  two = [image_id(image) for image, label in zip(few.images, few.labels) if label == 2]
+  assert len(two) == 8 and len(set(two)) == 5
+
+
+@pytest.mark.parametrize("batch_size", [5, 17, 32])
+def test_eval_visits_every_test_example_once_and_masks_padding(data_dir, batch_size):
+  spec = toy_spec()
+  batches = list(data.eval_batches(spec, "test", batch_size=batch_size, image_size=8,
+                                   data_dir=data_dir))
+  assert len(batches) == -(-sum(TEST_COUNTS) // batch_size)
+  images = np.concatenate([b["image"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  assert images.shape[1:] == (8, 8, 3) and all(b["label"].shape == (batch_size,) for b in batches)
+  ids = eval_ids({"image": images[mask == 1]})
+  assert sorted(ids) == [i for i, _, _ in toy_examples("test")]
+  assert labels[mask == 1].tolist() == [label_of(i) for i in ids]
+  assert mask.sum() == sum(TEST_COUNTS) and not np.any(images[mask == 0])
+
+
+def test_eval_shards_over_processes_cover_the_split_once(data_dir):
+  spec = toy_spec()
+  per_process = [list(data.eval_batches(spec, "test", batch_size=6, image_size=8,
+                                        data_dir=data_dir, process_index=i, process_count=2))
+                 for i in range(2)]
+  assert len(per_process[0]) == len(per_process[1]) == 3  # ceil(ceil(17 / 2) / 3)
+  ids = []
+  for batches in per_process:
+    for batch in batches:
+      assert batch["image"].shape[0] == 3
+      ids.extend(eval_ids(batch)[batch["mask"] == 1])
+  assert sorted(ids) == [i for i, _, _ in toy_examples("test")]
+
+
+def write_split_file(path, entries: dict[str, list[tuple[str, int]]]) -> str:
+  content = {role: [[p, label, CLASSES[label]] for p, label in items]
+             for role, items in entries.items()}
+  with open(path, "w") as f:
+    json.dump(content, f)
+  return str(path)
+
+
+def test_split_file_maps_file_names_onto_the_exact_split(data_dir, tmp_path):
+  train = toy_examples("train")
+  chosen = {"train": [(name, label) for _, label, name in train[:20]],
+            "val": [(name, label) for _, label, name in train[20:30]],
+            "test": [(name, label) for _, label, name in toy_examples("test")[:6]]}
+  split_file = write_split_file(tmp_path / "split_zhou_Toy.json", chosen)
+  spec = toy_spec()
+  for role, items in chosen.items():
+    examples = splits.benchmark_split(spec, role, data_dir, split_file)
+    assert sorted(n.decode() for n in examples.file_name) == sorted(n for n, _ in items)
+  assert data.num_examples(spec, "test", data_dir=data_dir, split_file=split_file) == 6
+  few = few_shot(spec, 1, 0, data_dir, split_file=split_file)
+  allowed = {int(n[-8:-4]) for n, _ in chosen["train"]}
+  assert {image_id(image) for image in few.images} <= allowed
+  ids = np.concatenate([eval_ids(b)[b["mask"] == 1] for b in data.eval_batches(
+      spec, "test", batch_size=4, image_size=8, data_dir=data_dir, split_file=split_file)])
+  assert sorted(ids) == [i for i, _, _ in toy_examples("test")[:6]]
+
+
+def test_split_file_with_wrong_labels_or_missing_images_is_refused(data_dir, tmp_path,
+                                                                   monkeypatch):
+  spec = toy_spec()
+  name, label = toy_examples("train")[0][2], toy_examples("train")[0][1]
+  wrong = write_split_file(tmp_path / "wrong.json",
+                           {"train": [(name, label + 1)], "val": [], "test": []})
+  with pytest.raises(UserError, match="label"):
+    splits.benchmark_split(spec, "train", data_dir, wrong)
+  missing = write_split_file(tmp_path / "missing.json", {
+      "train": [(name, label), ("zero/not_there.png", 0)], "val": [], "test": []})
+  with pytest.raises(UserError, match="1 of the 2 train images"):
+    splits.benchmark_split(spec, "train", data_dir, missing)
+  monkeypatch.setattr(splits, "MAX_MISSING", 0.5)
+  with pytest.warns(UserWarning, match="not_there"):
+    assert len(splits.benchmark_split(spec, "train", data_dir, missing)) == 1
+  not_a_split_file = tmp_path / "bad.json"
+  not_a_split_file.write_text(json.dumps({"train": [["a", 0]]}))
+  with pytest.raises(UserError, match="not a CoOp split file"):
+    splits.benchmark_split(spec, "train", data_dir, str(not_a_split_file))
+
+
+def test_split_file_needs_file_names_in_tfds(data_dir, tmp_path):
+  split_file = write_split_file(tmp_path / "s.json", {"train": [], "val": [], "test": []})
+  with pytest.raises(UserError, match="keeps no file names"):
+    splits.benchmark_split(toy_spec(file_key=None), "train", data_dir, split_file)
+
+
+def test_unprepared_dataset_says_which_command_to_run(tmp_path):
+  empty = str(tmp_path / "empty")
+  with pytest.raises(UserError, match=r"python -m clip_lora_jax.data prepare toy --data_dir "):
+    data.load_few_shot(toy_spec(), 1, 0, data_dir=empty)
+  manual = toy_spec(manual_download="toy.tar")
+  with pytest.raises(UserError, match=r"(?s)put toy.tar into .*downloads/manual.*--manual_dir"):
+    data.num_examples(manual, "test", data_dir=empty)
+
+
+def test_unknown_split_is_a_user_error(data_dir):
+  spec = toy_spec(splits={"train": ("train",), "test": ("test",)})
+  with pytest.raises(UserError, match="no 'val' split"):
+    data.num_examples(spec, "val", data_dir=data_dir)
+
+
+def test_corrupt_images_are_a_clear_error(data_dir):
+  spec = toy_spec("corrupt")
+  with pytest.raises(UserError, match=r"do not decode.*img_0005"):
+    few_shot(spec, 12, 0, data_dir)  # 12 shots take every train image of class "zero"
+  as_test = toy_spec("corrupt", splits={"train": ("test",), "test": ("train",)})
+  with pytest.raises(UserError, match="does not decode"):
+    list(data.eval_batches(as_test, "test", batch_size=8, image_size=8, data_dir=data_dir))
