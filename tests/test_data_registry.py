@@ -1,4 +1,4 @@
-"""The dataset registry: class names, templates and splits of the protocol; loading under mock data."""
+"""The dataset registry: the protocol's class names, templates and splits; mock-data loading."""
 
 from __future__ import annotations
 

@@ -47,8 +47,9 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> None:
   if spec.manual_download is not None:
     manual_dir = manual_dir or source.default_manual_dir(root)
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+      command = source.prepare_command(spec, root, manual_dir)
       raise UserError(f"{name} needs a manual download: put {spec.manual_download} into "
-                      f"{manual_dir}, then run:\n  {source.prepare_command(spec, root, manual_dir)}")
+                      f"{manual_dir}, then run:\n  {command}")
   tfds_builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   print(f"prepared {spec.tfds_name} in {root}")

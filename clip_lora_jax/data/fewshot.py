@@ -146,7 +146,8 @@ def _sample(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None,
             split_file: str | None, cache_dir: str | None) -> FewShotSet:
   train = splits.benchmark_split(spec, "train", data_dir, split_file, cache_dir)
   has_val = splits.has_split(spec, "val", split_file)
-  val_pool = splits.benchmark_split(spec, "val", data_dir, split_file, cache_dir) if has_val else train
+  val_pool = (splits.benchmark_split(spec, "val", data_dir, split_file, cache_dir) if has_val
+              else train)
   rng = np.random.default_rng(seed)
   val_positions = sample_shots(val_pool.label, spec.class_names, min(shots, MAX_VAL_SHOTS), rng,
                                what="validation")

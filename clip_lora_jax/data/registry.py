@@ -1,4 +1,4 @@
-"""The 11 benchmark datasets of the CoOp few-shot protocol (followed by CLIP-LoRA), as TFDS datasets.
+"""The 11 benchmark datasets of the CoOp few-shot protocol, which CLIP-LoRA follows, in TFDS.
 
 A `DatasetSpec` says which TFDS dataset holds a benchmark, which TFDS examples form its train /
 val / test splits, what its classes are called in prompts, and which templates prompt them.

@@ -71,7 +71,8 @@ class Ucf101Midframes(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
             "label": tfds.features.ClassLabel(names=[folder_name(a) for a in actions()]),
-            "file_name": tfds.features.Text(),  # e.g. "Apply_Eye_Makeup/v_ApplyEyeMakeup_g08_c01.jpg"
+            # e.g. "Apply_Eye_Makeup/v_ApplyEyeMakeup_g08_c01.jpg"
+            "file_name": tfds.features.Text(),
         }),
         supervised_keys=("image", "label"),
         homepage="https://www.crcv.ucf.edu/data/UCF101.php",
