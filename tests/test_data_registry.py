@@ -92,8 +92,7 @@ def test_benchmark_splits_follow_the_protocol():
 
 def test_split_file_paths_match_the_protocol_layout():
   def path(name, *example):
-    spec = data.get_dataset(name)
-    return (spec.split_file_path or (lambda split, file_name, cls: file_name))(*example)
+    return data.get_dataset(name).split_file_key(*example)
   assert path("eurosat", "train", "AnnualCrop_1.jpg", "AnnualCrop") == "AnnualCrop/AnnualCrop_1.jpg"
   assert path("caltech101", "test", "image_0001.jpg", "faces") == "Faces/image_0001.jpg"
   assert path("stanford_cars", "test", "00001", "x") == "cars_test/00001.jpg"

@@ -154,9 +154,3 @@ def few_shot_val_batches(few: FewShotSet, batch_size: int = 256,
   ds = _padded_batches(_eval_images(encoded, image_size), count, batch_size,
                        _ceil_div(count, batch_size), image_size)
   return ds.as_numpy_iterator()
-
-
-def num_examples(spec: DatasetSpec, split: str, data_dir: str | None = None,
-                 split_file: str | None = None) -> int:
-  """How many examples benchmark split `split` has (what eval_batches visits, padding aside)."""
-  return splits.num_examples(spec, split, data_dir, split_file)

@@ -97,6 +97,12 @@ class DatasetSpec:
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  def split_file_key(self, tfds_split: str, file_name: str, tfds_class: str) -> str:
+    """The path under which the protocol's split file lists a TFDS example."""
+    if self.split_file_path is None:
+      return file_name
+    return self.split_file_path(tfds_split, file_name, tfds_class)
+
   @property
   def tfds_splits(self) -> tuple[str, ...]:
     """Every TFDS split the benchmark splits draw from, in first-use order."""

@@ -117,8 +117,7 @@ def _split_file_keys(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder,
   tfds_names = tfds_builder.info.features[spec.label_key].names
   inverse = {benchmark: tfds_label for tfds_label, benchmark in
              enumerate(_label_lookup(spec, len(tfds_names))) if benchmark >= 0}
-  path_of = spec.split_file_path or (lambda split, file_name, cls: file_name)
-  return [path_of(split, name.decode(), tfds_names[inverse[label]])
+  return [spec.split_file_key(split, name.decode(), tfds_names[inverse[label]])
           for split, name, label in zip(pool.tfds_split, pool.file_name, pool.label)]
 
 
