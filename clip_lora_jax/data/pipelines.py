@@ -1,8 +1,8 @@
 """Train and eval batches as numpy dicts, from tf.data pipelines.
 
 Train batches are a pure function of (seed, step): sample position p = step * batch_size + row
-belongs to epoch p // n, whose order is a permutation seeded by (seed, epoch), and its
-augmentation is seeded by (seed, p). Resuming at a step, or computing only some rows of a batch on
+belongs to epoch p // n, whose order is a shuffle seeded by (seed, epoch), and its augmentation
+is seeded by (seed, p). Resuming at a step, or computing only some rows of a batch on
 another host, therefore gives exactly the batches of one uninterrupted single-host run.
 
 Eval batches visit every example of a benchmark split once. With P processes each takes a
@@ -13,7 +13,6 @@ shapes stay static under jit and padding is never counted.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -43,20 +42,27 @@ def _local_rows(batch_size: int, process_index: int, process_count: int) -> tupl
 
 
 def train_positions(num_examples: int, batch_size: int, seed: int, start_step: int,
-                    rows: tuple[int, int]) -> Iterator[tuple[int, int]]:
+                    rows: tuple[int, int]) -> tf.data.Dataset:
   """(sample position, example index) of rows [start, end) of batches start_step, start_step+1...
 
-  Epoch e is `np.random.default_rng([seed, e]).permutation(num_examples)`; epochs follow each
-  other and are cut into batches regardless of epoch boundaries.
+  Epoch e visits the examples in the order of a stateless shuffle seeded by (seed, e); epochs
+  follow each other and are cut into batches regardless of epoch boundaries.
   """
-  epoch, order = -1, None
-  for step in itertools.count(start_step):
-    for row in range(*rows):
-      position = step * batch_size + row
-      if position // num_examples != epoch:
-        epoch = position // num_examples
-        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-      yield position, int(order[position % num_examples])
+  first = start_step * batch_size
+
+  def epoch_order(epoch):
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(num_examples, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64), epoch]))
+    return tf.data.Dataset.from_tensor_slices(order)
+
+  indices = tf.data.Dataset.counter(first // num_examples).flat_map(epoch_order)
+  positions = tf.data.Dataset.zip((tf.data.Dataset.counter(first),
+                                   indices.skip(first % num_examples)))
+
+  def mine(position, index):
+    row = position % batch_size
+    return (row >= rows[0]) & (row < rows[1])
+  return positions.filter(mine)
 
 
 def train_batches(few: FewShotSet, batch_size: int = 32, image_size: int = 224, seed: int = 1,
@@ -74,9 +80,7 @@ def train_batches(few: FewShotSet, batch_size: int = 32, image_size: int = 224, 
   rows = _local_rows(batch_size, process_index, process_count)
   images = tf.constant(few.images, tf.string)
   labels = tf.constant(few.labels, tf.int32)
-  positions = tf.data.Dataset.from_generator(
-      lambda: train_positions(len(few.images), batch_size, seed, start_step, rows),
-      output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64)))
+  positions = train_positions(len(few.images), batch_size, seed, start_step, rows)
 
   def example(position, index):
     image = preprocessing.decode_image(tf.gather(images, index))
