@@ -92,6 +92,18 @@ def test_aircraft_builder_prepares_the_official_archive_through_the_command(tmp_
   assert batch["mask"].tolist() == [1, 1, 0, 0]
 
 
+def test_aircraft_builder_also_takes_the_extracted_archive(tmp_path):
+  manual = tmp_path / "manual"
+  make_aircraft_archive(str(manual), fgvc_aircraft.variant_names())
+  with tarfile.open(manual / fgvc_aircraft.ARCHIVE) as archive:
+    archive.extractall(manual, filter="data")
+  os.remove(manual / fgvc_aircraft.ARCHIVE)
+  builder = tfds.builder("fgvc_aircraft", data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  assert {s: builder.info.splits[s].num_examples for s in ("train", "validation", "test")} == {
+      "train": 3, "validation": 2, "test": 2}
+
+
 def test_aircraft_archive_of_another_release_is_refused(tmp_path):
   manual = str(tmp_path / "manual")
   make_aircraft_archive(manual, fgvc_aircraft.variant_names()[:70])
