@@ -87,8 +87,11 @@ class Catalog:
 
 def cache_path(cache_dir: str, kind: str, tfds_builder: tfds.core.DatasetBuilder,
                 *key: object) -> str:
-  """A cache file for `kind` data of a prepared builder, keyed by its location and `key`."""
-  identity = repr((os.fspath(tfds_builder.data_dir), *key))
+  """A cache file for `kind` data of a prepared builder, keyed by its location, its split sizes
+  (so that data prepared again differently is not mistaken for the cached one) and `key`."""
+  sizes = sorted((name, split.num_examples, split.num_bytes)
+                 for name, split in tfds_builder.info.splits.items())
+  identity = repr((os.fspath(tfds_builder.data_dir), sizes, *key))
   digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
   name = tfds_builder.info.full_name.replace("/", "_")
   return os.path.join(cache_dir, kind, f"{name}_{digest}.npz")
