@@ -153,12 +153,13 @@ def _sample(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None,
                                what="validation")
   train_positions = sample_shots(train.label, spec.class_names, shots, rng,
                                  exclude=None if has_val else val_positions)
-  chosen = [train.subset(train_positions), val_pool.subset(val_positions)]
-  images = [_read_images(spec, data_dir, examples) for examples in chosen]
-  for examples, encoded in zip(chosen, images):
-    _check_decodable(spec, examples, encoded)
-  return FewShotSet(images[0], chosen[0].label.astype(np.int32), images[1],
-                    chosen[1].label.astype(np.int32), spec.num_classes)
+  chosen = splits.Examples.concatenate([train.subset(train_positions),
+                                        val_pool.subset(val_positions)])
+  images = _read_images(spec, data_dir, chosen)
+  _check_decodable(spec, chosen, images)
+  labels = chosen.label.astype(np.int32)
+  cut = len(train_positions)
+  return FewShotSet(images[:cut], labels[:cut], images[cut:], labels[cut:], spec.num_classes)
 
 
 def load_few_shot(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None = None,

@@ -47,6 +47,11 @@ class Examples:
   def __len__(self) -> int:
     return len(self.index)
 
+  @staticmethod
+  def concatenate(parts: list[Examples]) -> Examples:
+    return Examples(*(np.concatenate([getattr(p, f.name) for p in parts])
+                      for f in dataclasses.fields(Examples)))
+
   def subset(self, positions: np.ndarray) -> Examples:
     return Examples(*(getattr(self, f.name)[positions] for f in dataclasses.fields(self)))
 
@@ -91,8 +96,7 @@ def _pooled(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, tfds_spli
     label = lookup[found.labels]
     keep = np.flatnonzero(label >= 0)
     parts.append(Examples(np.full(len(keep), split), keep, label[keep], found.file_names[keep]))
-  return Examples(*(np.concatenate([getattr(p, f.name) for p in parts])
-                    for f in dataclasses.fields(Examples)))
+  return Examples.concatenate(parts)
 
 
 def read_split_file(path: str) -> dict[str, list[list]]:
