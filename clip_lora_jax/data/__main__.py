@@ -58,7 +58,7 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m clip_lora_jax.data", description=__doc__.split("\n\n")[0],
+      prog="python -m clip_lora_jax.data", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog=f"datasets: {', '.join(registry.DATASET_NAMES)}")
   commands = parser.add_subparsers(dest="command", required=True)
