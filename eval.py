@@ -8,15 +8,19 @@
   python eval.py --config configs/fewshot.py:dataset=eurosat --config.model=runs/eurosat/merged
 """
 
-import json
 import os
 
-from absl import app, flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves the input pipeline only.
+
+# pylint: disable=wrong-import-position
+import json
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clip_lora_jax import base as base_lib
 from clip_lora_jax import data, evaluation, lora, training
-from clip_lora_jax.errors import exit_on_user_error
+from clip_lora_jax.errors import exit_on_user_error, parse_flags_or_exit
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file naming the base model and dataset (as for train.py).",
@@ -66,6 +70,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO.
   with exit_on_user_error():
     result = evaluate(f.config, f.adapter, f.split, f.templates)
   print(f"{result['dataset']} {result['split']}: top-1 {result['top1']:.2f}%  "
@@ -77,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags_or_exit)

@@ -8,12 +8,17 @@ The workdir receives `adapter.safetensors`, `results.json`, `metrics.jsonl`, Ten
 and orbax checkpoints; re-running the same command resumes from the last checkpoint.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves the input pipeline only.
+
+# pylint: disable=wrong-import-position
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clip_lora_jax import sharding, training
-from clip_lora_jax.errors import exit_on_user_error
+from clip_lora_jax.errors import exit_on_user_error, parse_flags_or_exit
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file (e.g. configs/fewshot.py:dataset=dtd,shots=4,seed=2); any value "
@@ -33,6 +38,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO.
   with exit_on_user_error():
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                     auto=f.distributed)
@@ -43,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags_or_exit)

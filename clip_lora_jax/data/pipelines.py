@@ -149,12 +149,18 @@ def eval_batches(spec: DatasetSpec, split: str = "test", batch_size: int = 256,
   return _reraise_corrupt(ds.as_numpy_iterator(), f"{spec.name} {split}")
 
 
-def few_shot_val_batches(few: FewShotSet, batch_size: int = 256,
-                         image_size: int = 224) -> Iterator[Batch]:
-  """The validation shots of `few` as eval batches ({"image", "label", "mask"}, one process)."""
-  count = len(few.val_images)
+def few_shot_val_batches(few: FewShotSet, batch_size: int = 256, image_size: int = 224,
+                         process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+  """The validation shots of `few` as eval batches ({"image", "label", "mask"}); as in
+  `eval_batches`, each of P processes yields its contiguous 1/P, padded to the same count."""
+  rows = _local_rows(batch_size, process_index, process_count)
+  local_batch = rows[1] - rows[0]
+  n = len(few.val_images)
+  start, end = process_index * n // process_count, (process_index + 1) * n // process_count
   encoded = tf.data.Dataset.from_tensor_slices(
-      (tf.constant(few.val_images, tf.string), few.val_labels.astype(np.int32)))
-  ds = _padded_batches(_eval_images(encoded, image_size), count, batch_size,
-                       _ceil_div(count, batch_size), image_size)
+      (tf.constant(few.val_images[start:end], tf.string),
+       few.val_labels[start:end].astype(np.int32)))
+  num_batches = _ceil_div(_ceil_div(n, process_count), local_batch)
+  ds = _padded_batches(_eval_images(encoded, image_size), end - start, local_batch, num_batches,
+                       image_size)
   return ds.as_numpy_iterator()

@@ -1,0 +1,124 @@
+"""train.py and eval.py end to end on the runlocal config (tiny random CLIP, mock EuroSAT)."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import transformers
+
+from clip_lora_jax import lora, training
+from configs import runlocal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+def train_cmd(workdir: str, *overrides: str) -> list[str]:
+  return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+          os.path.join(ROOT, "configs/runlocal.py"), "--workdir", workdir,
+          "--config.progress=False", *overrides]
+
+
+def load_eval_module():
+  spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def read_adapter(workdir: str) -> lora.Adapter:
+  return lora.load_adapter(os.path.join(workdir, "adapter.safetensors"))
+
+
+def test_train_writes_adapter_metrics_results_and_eval_agrees(tmp_path):
+  workdir = str(tmp_path / "run")
+  out = subprocess.run(train_cmd(workdir, "--config.total_steps=20", "--config.eval_every=10",
+                                 "--config.checkpoint_every=10", "--config.export_merged=True"),
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "test top-1" in out.stdout
+
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["steps"] == 20 and results["dataset"] == "eurosat" and results["shots"] == 2
+  assert 0 <= results["test_top1"] <= results["test_top5"] <= 100 and results["test_count"] > 0
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_steps = [r["step"] for r in records if "train/loss" in r]
+  assert train_steps == [5, 10, 15, 20]
+  assert all(np.isfinite(r["train/loss"]) and r["train/learning_rate"] > 0
+             for r in records if "train/loss" in r)
+  assert [r["step"] for r in records if "val/top1" in r] == [10]
+  assert any("test/top1" in r for r in records)
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+
+  adapter = read_adapter(workdir)
+  assert adapter.base_name == "tiny" and adapter.config == lora.LoRAConfig()
+  assert any(np.any(leaf) for leaf in jax.tree.leaves(adapter.lora))  # B moved off zero.
+  # The merged export is a Hugging Face checkpoint that transformers loads.
+  assert isinstance(transformers.CLIPModel.from_pretrained(os.path.join(workdir, "merged")),
+                    transformers.CLIPModel)
+
+  # eval.py: the adapter and the merged checkpoint reproduce train.py's test accuracy.
+  eval_cli = load_eval_module()
+  config = runlocal.get_config()
+  config.progress = False
+  with_adapter = eval_cli.evaluate(config, os.path.join(workdir, "adapter.safetensors"), "test",
+                                   "auto")
+  assert with_adapter["top1"] == pytest.approx(results["test_top1"])
+  assert with_adapter["count"] == results["test_count"]
+  config.model, config.random_init = os.path.join(workdir, "merged"), False
+  merged = eval_cli.evaluate(config, None, "test", "config")
+  assert merged["top1"] == pytest.approx(results["test_top1"])
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path):
+  overrides = ("--config.total_steps=60", "--config.checkpoint_every=10")
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen(train_cmd(killed, *overrides), env=ENV, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  first_checkpoint = os.path.join(killed, "checkpoints", "10")
+  deadline = time.time() + 300
+  while not os.path.isdir(first_checkpoint) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  assert not os.path.exists(os.path.join(killed, "results.json"))
+
+  out = subprocess.run(train_cmd(killed, *overrides), env=ENV, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  config = runlocal.get_config()
+  config.total_steps, config.checkpoint_every, config.progress = 60, 10, False
+  uninterrupted = str(tmp_path / "uninterrupted")
+  training.train_and_evaluate(config, uninterrupted)
+  resumed, reference = read_adapter(killed), read_adapter(uninterrupted)
+  for got, want in zip(jax.tree.leaves(resumed.lora), jax.tree.leaves(reference.lora)):
+    np.testing.assert_array_equal(got, want)
+  assert json.load(open(os.path.join(killed, "results.json")))["test_top1"] == \
+      json.load(open(os.path.join(uninterrupted, "results.json")))["test_top1"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.lora.rnak=2", 'Did you mean "rank"'),
+    ("--config.lora.rank=0", "rank must be a positive integer"),
+    ("--config.shots=-1", "config.shots=-1"),
+    ("--config.lora.matrices=q,x", "lora.matrices"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, override, message):
+  workdir = str(tmp_path / "run")
+  out = subprocess.run(train_cmd(workdir, override), env=ENV, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2
+  assert message in out.stderr and "error:" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
