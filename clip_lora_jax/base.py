@@ -32,7 +32,8 @@ def load_base_model(name: str, random_init: bool = False, seed: int = 0) -> Base
   if random_init:
     config = model.get_config(name)
     params = model.init_params(jax.random.key(seed), config)
-    return BaseModel(name, config, params, tokenizer_lib.load_tokenizer())
-  config, params = checkpoints.load_pretrained(name)
+  else:
+    config, params = checkpoints.load_pretrained(name)
   tokenizer_dir = name if os.path.isdir(name) else None
-  return BaseModel(name, config, params, tokenizer_lib.load_tokenizer(tokenizer_dir))
+  return BaseModel(name, config, params,
+                   tokenizer_lib.load_tokenizer(tokenizer_dir, config.text.context_length))
