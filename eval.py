@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import data, evaluation, lora, training
+from clip_lora_jax import data, evaluation, lora, training, xla_flags
 from clip_lora_jax.errors import exit_on_user_error, parse_flags_or_exit
 
 config_flags.DEFINE_config_file(
@@ -70,6 +70,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
+  xla_flags.use_fast_cpu_flags()
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO.
   with exit_on_user_error():

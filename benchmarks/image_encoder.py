@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import transformers
 
-from clip_lora_jax import checkpoints, model
+from clip_lora_jax import checkpoints, model, xla_flags
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,6 +47,7 @@ def timed(fn) -> float:
 
 def main() -> None:
   args = parse_args()
+  xla_flags.use_fast_cpu_flags()  # As train.py and eval.py do, before JAX's first computation.
   torch.set_num_threads(args.threads)
   cfg = model.get_config(args.arch)
   params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), cfg)

@@ -53,6 +53,8 @@ from typing import Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from clip_lora_jax import xla_flags  # pylint: disable=wrong-import-position  (no JAX import)
+
 TEMPLATE = "a photo of a {}."
 # Words of realistic class names: prompts end at positions 7 to 17 of 77 on the benchmarks.
 MAX_END = 17
@@ -264,6 +266,8 @@ def train_step_flops(cfg: Any, batch: int, classes: int, text_tokens: int) -> fl
 def run_child(impl: str, spec: Spec) -> dict[str, Any]:
   """Runs `impl` in a fresh interpreter; returns its result or {'error': ...}."""
   env = dict(os.environ)
+  if impl.startswith("ours"):
+    xla_flags.use_fast_cpu_flags(env)  # As train.py does.
   if impl == "ours_xla":
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {spec.xla_flags}".strip()
   with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
