@@ -15,12 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves the inpu
 # pylint: disable=wrong-import-position
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import data, evaluation, lora, training, xla_flags
-from clip_lora_jax.errors import exit_on_user_error, parse_flags_or_exit
+from clip_lora_jax import cli, data, evaluation, lora, training
+from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file naming the base model and dataset (as for train.py).",
@@ -67,12 +67,7 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  xla_flags.use_fast_cpu_flags()
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO.
+  f = cli.start(argv)
   with exit_on_user_error():
     result = evaluate(f.config, f.adapter, f.split, f.templates)
   print(f"{result['dataset']} {result['split']}: top-1 {result['top1']:.2f}%  "
@@ -84,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags_or_exit)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

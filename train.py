@@ -14,11 +14,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves the inpu
 
 # pylint: disable=wrong-import-position
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from clip_lora_jax import sharding, training, xla_flags
-from clip_lora_jax.errors import exit_on_user_error, parse_flags_or_exit
+from clip_lora_jax import cli, sharding, training
+from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file (e.g. configs/fewshot.py:dataset=dtd,shots=4,seed=2); any value "
@@ -35,12 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  xla_flags.use_fast_cpu_flags()
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO.
+  f = cli.start(argv)
   with exit_on_user_error():
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                     auto=f.distributed)
@@ -51,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags_or_exit)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)
