@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from clip_lora_jax import xla_flags
+
+# In-process tests run JAX as train.py / eval.py do (same XLA flags, hence the same programs):
+# results compared with those of the command lines can then be equal to the bit.
+xla_flags.use_fast_cpu_flags()
+
 # The `tiny` architecture of clip_lora_jax.model, as a transformers config.
 TINY_HF_CONFIG = {
     "projection_dim": 32,

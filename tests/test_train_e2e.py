@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import transformers
 
-from clip_lora_jax import lora, training
+from clip_lora_jax import lora
 from configs import runlocal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,10 +97,11 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
 
-  config = runlocal.get_config()
-  config.total_steps, config.checkpoint_every, config.progress = 60, 10, False
+  # The same command uninterrupted (same process set-up, so same XLA flags and programs).
   uninterrupted = str(tmp_path / "uninterrupted")
-  training.train_and_evaluate(config, uninterrupted)
+  out = subprocess.run(train_cmd(uninterrupted, *overrides), env=ENV, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
   resumed, reference = read_adapter(killed), read_adapter(uninterrupted)
   for got, want in zip(jax.tree.leaves(resumed.lora), jax.tree.leaves(reference.lora)):
     np.testing.assert_array_equal(got, want)
