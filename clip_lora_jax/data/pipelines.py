@@ -13,7 +13,7 @@ shapes stay static under jit and padding is never counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -120,6 +120,21 @@ def _reraise_corrupt(batches: Iterator[Batch], where: str) -> Iterator[Batch]:
                     "is damaged; delete it and prepare the dataset again") from e
 
 
+def _process_eval_batches(count: int, encoded_part: Callable[[int, int], tf.data.Dataset],
+                          batch_size: int, image_size: int, process_index: int,
+                          process_count: int) -> tf.data.Dataset:
+  """Eval batches of `count` examples spread over processes: process i reads its contiguous
+  part [start, end) through `encoded_part(start, end)` ((encoded image, label) pairs) and pads it
+  with masked rows to the batch count that every process yields."""
+  rows = _local_rows(batch_size, process_index, process_count)
+  local_batch = rows[1] - rows[0]
+  start = process_index * count // process_count
+  end = (process_index + 1) * count // process_count
+  num_batches = _ceil_div(_ceil_div(count, process_count), local_batch)
+  return _padded_batches(_eval_images(encoded_part(start, end), image_size), end - start,
+                         local_batch, num_batches, image_size)
+
+
 def eval_batches(spec: DatasetSpec, split: str = "test", batch_size: int = 256,
                  image_size: int = 224, data_dir: str | None = None,
                  split_file: str | None = None, process_index: int = 0,
@@ -129,23 +144,22 @@ def eval_batches(spec: DatasetSpec, split: str = "test", batch_size: int = 256,
   `batch_size` is global; each process yields batch_size / process_count rows per batch (see
   the module docstring). A damaged image raises a `UserError`.
   """
-  rows = _local_rows(batch_size, process_index, process_count)
-  local_batch = rows[1] - rows[0]
   examples = splits.benchmark_split(spec, split, data_dir, split_file)
-  n = len(examples)
-  start, end = process_index * n // process_count, (process_index + 1) * n // process_count
-  mine = examples.subset(np.arange(start, end))
   tfds_builder = source.builder(spec, data_dir)
-  encoded = tf.data.Dataset.from_tensor_slices((np.zeros(0, bytes), np.zeros(0, np.int32)))
-  for tfds_split in dict.fromkeys(mine.tfds_split):
-    part = mine.subset(np.flatnonzero(mine.tfds_split == tfds_split))
-    images = source.selected(spec, tfds_builder, tfds_split, part.index)
-    labels = tf.data.Dataset.from_tensor_slices(part.label.astype(np.int32))
-    encoded = encoded.concatenate(tf.data.Dataset.zip((images, labels)).map(
-        lambda indexed, label: (indexed[1], label)))
-  num_batches = _ceil_div(_ceil_div(n, process_count), local_batch)
-  ds = _padded_batches(_eval_images(encoded, image_size), end - start, local_batch, num_batches,
-                       image_size)
+
+  def encoded_part(start: int, end: int) -> tf.data.Dataset:
+    mine = examples.subset(np.arange(start, end))
+    encoded = tf.data.Dataset.from_tensor_slices((np.zeros(0, bytes), np.zeros(0, np.int32)))
+    for tfds_split in dict.fromkeys(mine.tfds_split):
+      part = mine.subset(np.flatnonzero(mine.tfds_split == tfds_split))
+      images = source.selected(spec, tfds_builder, tfds_split, part.index)
+      labels = tf.data.Dataset.from_tensor_slices(part.label.astype(np.int32))
+      encoded = encoded.concatenate(tf.data.Dataset.zip((images, labels)).map(
+          lambda indexed, label: (indexed[1], label)))
+    return encoded
+
+  ds = _process_eval_batches(len(examples), encoded_part, batch_size, image_size, process_index,
+                             process_count)
   return _reraise_corrupt(ds.as_numpy_iterator(), f"{spec.name} {split}")
 
 
@@ -153,14 +167,10 @@ def few_shot_val_batches(few: FewShotSet, batch_size: int = 256, image_size: int
                          process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
   """The validation shots of `few` as eval batches ({"image", "label", "mask"}); as in
   `eval_batches`, each of P processes yields its contiguous 1/P, padded to the same count."""
-  rows = _local_rows(batch_size, process_index, process_count)
-  local_batch = rows[1] - rows[0]
-  n = len(few.val_images)
-  start, end = process_index * n // process_count, (process_index + 1) * n // process_count
-  encoded = tf.data.Dataset.from_tensor_slices(
-      (tf.constant(few.val_images[start:end], tf.string),
-       few.val_labels[start:end].astype(np.int32)))
-  num_batches = _ceil_div(_ceil_div(n, process_count), local_batch)
-  ds = _padded_batches(_eval_images(encoded, image_size), end - start, local_batch, num_batches,
-                       image_size)
-  return ds.as_numpy_iterator()
+  def encoded_part(start: int, end: int) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices(
+        (tf.constant(few.val_images[start:end], tf.string),
+         few.val_labels[start:end].astype(np.int32)))
+
+  return _process_eval_batches(len(few.val_images), encoded_part, batch_size, image_size,
+                               process_index, process_count).as_numpy_iterator()
