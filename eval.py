@@ -13,13 +13,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves the input pipeline only.
 
 # pylint: disable=wrong-import-position
-import json
-
 from absl import app, flags
 from ml_collections import config_flags
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import cli, data, evaluation, lora, training
+from clip_lora_jax import cli, data, evaluation, files, lora, training
 from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
@@ -73,9 +71,7 @@ def main(argv):
   print(f"{result['dataset']} {result['split']}: top-1 {result['top1']:.2f}%  "
         f"top-5 {result['top5']:.2f}%  ({result['count']} images)")
   if f.output:
-    os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
-    with open(f.output, "w") as out:
-      json.dump(result, out, indent=2)
+    files.write_json(f.output, result)
 
 
 if __name__ == "__main__":

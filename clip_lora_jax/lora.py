@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from flax import traverse_util
 
+from clip_lora_jax import files
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.model import CLIPConfig, Params, config_from_dict
 
@@ -194,27 +195,6 @@ class Adapter:
   base_fingerprint: str
 
 
-def _flatten(tree: Params, prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = np.asarray(v, np.float32)
-  return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *path, leaf = key.split(".")
-    node = tree
-    for part in path:
-      node = node.setdefault(part, {})
-    node[leaf] = jnp.asarray(value)
-  return tree
-
-
 def save_adapter(path: str, adapter: Adapter) -> None:
   """Writes the adapter as one safetensors file (metadata: LoRA config and base identity).
 
@@ -227,16 +207,10 @@ def save_adapter(path: str, adapter: Adapter) -> None:
       "base_config": json.dumps(dataclasses.asdict(adapter.base_config)),
       "base_fingerprint": adapter.base_fingerprint,
   }
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  os.close(fd)
-  try:
-    safetensors.numpy.save_file(_flatten(adapter.lora), tmp, metadata=metadata)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  flat = {k: np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(adapter.lora, sep=".").items()}
+  with files.atomic_path(path) as tmp:
+    safetensors.numpy.save_file(flat, tmp, metadata=metadata)
 
 
 def load_adapter(path: str) -> Adapter:
@@ -253,16 +227,16 @@ def load_adapter(path: str) -> Adapter:
     raise UserError(f"{path!r} is not a clip_lora_jax adapter file (no adapter metadata)")
   config = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
   base_config = config_from_dict(json.loads(metadata["base_config"]))
-  lora = _unflatten(flat)
-  expected = init(jax.random.key(0), base_config, config)
+  lora = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="."))
+  expected = jax.eval_shape(lambda key: init(key, base_config, config), jax.random.key(0))
   check_matches(lora, expected, what=f"adapter {path!r}")
   return Adapter(lora, config, metadata["base_name"], base_config, metadata["base_fingerprint"])
 
 
 def check_matches(lora: Params, expected: Params, what: str) -> None:
   """Raises a UserError naming the first path whose presence or shape differs."""
-  got = {k: v.shape for k, v in _flatten(lora).items()}
-  want = {k: v.shape for k, v in _flatten(expected).items()}
+  got = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(lora, sep=".").items()}
+  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(expected, sep=".").items()}
   for key in sorted(set(got) | set(want)):
     if got.get(key) != want.get(key):
       raise UserError(f"{what}: entry {key!r} has shape {got.get(key)} where {want.get(key)} is "

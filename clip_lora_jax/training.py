@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import checkpoints, data, evaluation, lora, metrics, model, sharding
+from clip_lora_jax import checkpoints, data, evaluation, files, lora, metrics, model, sharding
 from clip_lora_jax.errors import UserError
 
 State = dict[str, Any]  # {'step', 'lora', 'opt_state', 'rng'}: all arrays, checkpointed as is.
@@ -163,13 +163,6 @@ def _restore_or(manager: ocp.CheckpointManager, state: State) -> State:
   return manager.restore(step, args=ocp.args.StandardRestore(state))
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def data_context(config: ml_collections.ConfigDict):
   """`tfds.testing.mock_data` when the config asks for mock data, else nothing."""
   if not config.get("mock_data"):
@@ -207,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_config = StepConfig(base.config, lora_config, config.logit_scale, DTYPES[config.dtype],
                            config.remat, num_classes=spec.num_classes)
   if lead:
-    _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
   params = jax.device_put(base.params,
                           sharding.params_sharding(base.params, mesh, config.fsdp))
   place = lambda batch: sharding.global_batch(mesh, batch)
@@ -279,5 +272,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "model": base.name, "steps": steps, "trainable_parameters":
              lora.num_parameters(adapter.lora), **{f"test_{k}": v for k, v in test.items()}}
   if lead:
-    _write_json_atomic(os.path.join(workdir, "results.json"), results)
+    files.write_json(os.path.join(workdir, "results.json"), results)
   return results

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from clip_lora_jax import files
 from clip_lora_jax.data.registry import DatasetSpec
 from clip_lora_jax.errors import UserError
 
@@ -99,10 +99,8 @@ def cache_path(cache_dir: str, kind: str, tfds_builder: tfds.core.DatasetBuilder
 
 def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
   """Writes an .npz through a temporary file and a rename, so readers never see half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, **arrays)
-  os.replace(f.name, path)
 
 
 def _read_catalog(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder,
