@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,8 @@ LAYER_SETS_12 = {
     "half-bottom": tuple(range(6)), "half-up": tuple(range(6, 12)), "top": (11,),
     "top3": (9, 10, 11),
 }
+# Method name -> its adapter config class; subclasses of LoRAConfig register themselves here.
+ADAPTER_TYPES: dict[str, type["LoRAConfig"]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,12 @@ class LoRAConfig:
   encoders: 'vision', 'text' or 'both'. matrices: a subset of q, k, v, o. layers: 'all', a
   named set of the reference (bottom, mid, up, half-bottom, half-up, top, top3) or explicit
   layer indices. scaling: 'sqrt' gives alpha / sqrt(rank) (the reference), 'linear' alpha / rank.
+
+  A variant of LoRA (e.g. `clip_lora_jax.block_lora`) subclasses this config with its own
+  `method` name, factor shapes and `pairs`; training, merging and adapter files then serve it.
   """
+  method: ClassVar[str] = "lora"
+
   encoders: str = "both"
   matrices: tuple[str, ...] = ("q", "k", "v")
   layers: str | tuple[int, ...] = "all"
@@ -76,10 +84,26 @@ class LoRAConfig:
       raise UserError(f"lora.layers={self.layers!r}: use one of {', '.join(LAYER_SETS_12)} or a "
                       "list of layer indices")
 
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    ADAPTER_TYPES[cls.method] = cls
+
   @property
   def scale(self) -> float:
     """The factor multiplying (x @ a) @ b."""
     return self.alpha / (math.sqrt(self.rank) if self.scaling == "sqrt" else self.rank)
+
+  def factor_shapes(self, width: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the trainable (a, b) of one adapted width x width projection."""
+    return (width, self.rank), (self.rank, width)
+
+  def pairs(self, adapter: Params) -> Params:
+    """The (a, b) pairs the model reads (`model.Dense`) from the trainable adapter pytree.
+
+    For LoRA they are the adapter itself; variants map their factors to equivalent pairs here,
+    inside the differentiated function, so gradients reach their own parameters.
+    """
+    return adapter
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
@@ -87,7 +111,7 @@ class LoRAConfig:
     d = dict(d)
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise UserError(f"unknown LoRA option(s) {sorted(unknown)}; known: "
+      raise UserError(f"unknown {cls.method} option(s) {sorted(unknown)}; known: "
                       f"{[f.name for f in dataclasses.fields(cls)]}")
     for key in ("matrices", "layers"):
       if isinstance(d.get(key), (list, tuple)):
@@ -98,6 +122,9 @@ class LoRAConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+ADAPTER_TYPES[LoRAConfig.method] = LoRAConfig
 
 
 def layer_indices(layers: str | Sequence[int], depth: int) -> tuple[int, ...]:
@@ -134,25 +161,27 @@ def targets(model_config: CLIPConfig, lora_config: LoRAConfig) -> list[tuple[str
 def init(rng: jax.Array, model_config: CLIPConfig, lora_config: LoRAConfig) -> Params:
   """A fresh adapter: a ~ kaiming-uniform(a=sqrt(5)) as torch's Linear, b = 0.
 
-  torch's kaiming-uniform with a = sqrt(5) on a (rank, in) weight is U(-1/sqrt(in), 1/sqrt(in)).
-  With b = 0 the adapted model is exactly the base model.
+  torch's kaiming-uniform with a = sqrt(5) on a (rank, in) weight is U(-1/sqrt(in), 1/sqrt(in)),
+  with `in` the rows of `a`. With b = 0 the adapted model is exactly the base model.
   """
   lora: dict = {}
   keys = jax.random.split(rng, len(targets(model_config, lora_config)))
   for key, (tower, layer, matrix) in zip(keys, targets(model_config, lora_config)):
-    width = model_config.tower(tower).width
-    bound = 1.0 / math.sqrt(width)
-    pair = {"a": jax.random.uniform(key, (width, lora_config.rank), jnp.float32, -bound, bound),
-            "b": jnp.zeros((lora_config.rank, width), jnp.float32)}
+    a_shape, b_shape = lora_config.factor_shapes(model_config.tower(tower).width)
+    bound = 1.0 / math.sqrt(a_shape[0])
+    pair = {"a": jax.random.uniform(key, a_shape, jnp.float32, -bound, bound),
+            "b": jnp.zeros(b_shape, jnp.float32)}
     lora.setdefault(tower, {}).setdefault(f"layers_{layer}", {}).setdefault("attn", {})[matrix] = pair
   return lora
 
 
 def _fold(params: Params, lora: Params, scale: float) -> Params:
-  """params with `scale * a @ b` added to the kernel at the path of every pair in `lora`."""
+  """params with `scale * a @ b` added to the kernel at the path of every pair in `lora` (an
+  `a` with fewer rows than the kernel is shared by equal input chunks, as in `model.Dense`)."""
   def visit(p, l):
     if "a" in l and "b" in l:
-      delta = (l["a"].astype(jnp.float32) @ l["b"].astype(jnp.float32)) * scale
+      a = jnp.tile(l["a"].astype(jnp.float32), (p["kernel"].shape[0] // l["a"].shape[0], 1))
+      delta = (a @ l["b"].astype(jnp.float32)) * scale
       return {**p, "kernel": (p["kernel"] + delta.astype(p["kernel"].dtype))}
     missing = set(l) - set(p)
     if missing:
@@ -164,12 +193,26 @@ def _fold(params: Params, lora: Params, scale: float) -> Params:
 
 def merge(params: Params, lora: Params, lora_config: LoRAConfig) -> Params:
   """Base params with the scaled low-rank updates folded into the kernels (plain-CLIP cost)."""
-  return _fold(params, lora, lora_config.scale)
+  return _fold(params, lora_config.pairs(lora), lora_config.scale)
 
 
 def unmerge(params: Params, lora: Params, lora_config: LoRAConfig) -> Params:
   """The inverse of `merge` (up to float rounding)."""
-  return _fold(params, lora, -lora_config.scale)
+  return _fold(params, lora_config.pairs(lora), -lora_config.scale)
+
+
+def config_type(method: str) -> type[LoRAConfig]:
+  """The adapter config class of a weight-space method; method `m` lives in module
+  `clip_lora_jax.m`, imported on first use."""
+  if method not in ADAPTER_TYPES and method.isidentifier():
+    try:
+      importlib.import_module(f"clip_lora_jax.{method}")
+    except ModuleNotFoundError:
+      pass
+  if method not in ADAPTER_TYPES:
+    raise UserError(f"method {method!r} has no weight-space adapter; known: "
+                    f"{', '.join(sorted(ADAPTER_TYPES))}")
+  return ADAPTER_TYPES[method]
 
 
 def num_parameters(lora: Params) -> int:
@@ -202,6 +245,7 @@ def save_adapter(path: str, adapter: Adapter) -> None:
   """
   metadata = {
       "format": "clip_lora_jax.lora/1",
+      "method": adapter.config.method,
       "lora_config": json.dumps(adapter.config.to_dict()),
       "base_name": adapter.base_name,
       "base_config": json.dumps(dataclasses.asdict(adapter.base_config)),
@@ -225,7 +269,8 @@ def load_adapter(path: str) -> Adapter:
     raise UserError(f"{path!r} is not a readable safetensors adapter file: {e}") from e
   if metadata.get("format") != "clip_lora_jax.lora/1":
     raise UserError(f"{path!r} is not a clip_lora_jax adapter file (no adapter metadata)")
-  config = LoRAConfig.from_dict(json.loads(metadata["lora_config"]))
+  config_class = config_type(metadata.get("method", LoRAConfig.method))
+  config = config_class.from_dict(json.loads(metadata["lora_config"]))
   base_config = config_from_dict(json.loads(metadata["base_config"]))
   lora = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="."))
   expected = jax.eval_shape(lambda key: init(key, base_config, config), jax.random.key(0))

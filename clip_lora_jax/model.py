@@ -130,11 +130,27 @@ class Runtime:
   remat: bool = False
 
 
+def sum_input_chunks(x: jax.Array, rows: int) -> jax.Array:
+  """x of width n * rows -> the sum of its n consecutive chunks of `rows` features.
+
+  `x @ tile(a, (n, 1)) == sum_input_chunks(x, a.shape[0]) @ a`: a down-projection shared by the
+  n input chunks (Block-LoRA's input split) costs additions instead of n products.
+  """
+  width = x.shape[-1]
+  if width == rows:
+    return x
+  if width % rows:
+    raise ValueError(f"a low-rank factor with {rows} rows cannot read {width} input features")
+  return x.reshape(*x.shape[:-1], width // rows, rows).sum(axis=-2)
+
+
 class Dense(nn.Module):
   """`x @ kernel + bias`, plus `((dropout(x) @ a) @ b) * lora_scale` when a low-rank pair exists.
 
   The pair lives in the `'lora'` collection under this module's path, so base parameters and
   adapters stay separate pytrees and gradients can be taken with respect to the adapter alone.
+  An `a` with fewer rows than the input width is shared by equal input chunks (see
+  `sum_input_chunks`).
   """
   features: int
   use_bias: bool = True
@@ -151,7 +167,8 @@ class Dense(nn.Module):
       a = self.get_variable(LORA_COLLECTION, "a")
       b = self.get_variable(LORA_COLLECTION, "b")
       h = nn.Dropout(self.runtime.lora_dropout)(x, deterministic=deterministic)
-      low_rank = jnp.dot(jnp.dot(h.astype(dtype), a.astype(dtype)), b.astype(dtype))
+      low_rank = jnp.dot(jnp.dot(sum_input_chunks(h, a.shape[0]).astype(dtype), a.astype(dtype)),
+                         b.astype(dtype))
       y = y + low_rank * self.runtime.lora_scale
     return y
 

@@ -35,8 +35,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def lora_config_from(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
-  """The LoRAConfig of a run config (`matrices` may be given as "q,k,v")."""
-  return lora.LoRAConfig.from_dict(config.lora.to_dict())
+  """The adapter config of a run config: `config.lora` read by the class of `config.method`
+  (LoRAConfig, or a variant such as BlockLoRAConfig); `matrices` may be given as "q,k,v"."""
+  return lora.config_type(config.method).from_dict(config.lora.to_dict())
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -59,8 +60,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.dtype={config.dtype!r}: use one of {', '.join(DTYPES)}")
   if "{}" not in config.template:
     raise UserError(f"config.template={config.template!r} has no '{{}}' for the class name")
-  if config.method != "lora":
-    raise UserError(f"config.method={config.method!r}: only 'lora' is implemented")
   lora_config_from(config)
 
 
@@ -117,10 +116,11 @@ def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransforma
 
   def loss_fn(lora_params, base_params, images, labels, text, rng):
     image_rng, text_rng = jax.random.split(rng)
-    image_emb = model.encode_images(base_params, images, sc.model_config, lora=lora_params,
+    pairs = sc.lora_config.pairs(lora_params)
+    image_emb = model.encode_images(base_params, images, sc.model_config, lora=pairs,
                                     dropout_rng=image_rng, **common)
     if sc.text_trains:
-      text = model.encode_texts(base_params, text, sc.model_config, lora=lora_params,
+      text = model.encode_texts(base_params, text, sc.model_config, lora=pairs,
                                 dropout_rng=text_rng, **common)[:sc.num_classes]
     return classification_loss(image_emb, text, labels, sc.logit_scale)
 

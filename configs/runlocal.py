@@ -2,13 +2,25 @@
 EuroSAT data (`tfds.testing.mock_data`). Accuracy is meaningless; everything else is real.
 
   python train.py --config configs/runlocal.py --workdir /tmp/runlocal
+  python train.py --config configs/runlocal.py:method=block_lora --workdir /tmp/runlocal_block
 """
 
-from configs import fewshot
+import importlib
+
+from clip_lora_jax import config_args
+from clip_lora_jax.errors import UserError
+
+# Method -> the config file of its full-size recipe.
+METHOD_CONFIGS = {"lora": "fewshot", "block_lora": "block_lora"}
 
 
 def get_config(arg: str | None = None):
-  c = fewshot.get_config(arg or "dataset=eurosat,shots=2,seed=1")
+  """`arg`: `method=lora|block_lora` (default lora)."""
+  args = config_args.parse(arg, method="lora")
+  if args.method not in METHOD_CONFIGS:
+    raise UserError(f"method={args.method!r}: use one of {', '.join(METHOD_CONFIGS)}")
+  recipe = importlib.import_module(f"configs.{METHOD_CONFIGS[args.method]}")
+  c = recipe.get_config("dataset=eurosat,shots=2,seed=1")
   c.model = "tiny"
   c.random_init = True
   c.mock_data = True

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import transformers
 
-from clip_lora_jax import lora
+from clip_lora_jax import block_lora, lora
 from configs import runlocal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 
 
-def train_cmd(workdir: str, *overrides: str) -> list[str]:
+def train_cmd(workdir: str, *overrides: str, config_arg: str = "") -> list[str]:
   return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-          os.path.join(ROOT, "configs/runlocal.py"), "--workdir", workdir,
+          os.path.join(ROOT, "configs/runlocal.py") + config_arg, "--workdir", workdir,
           "--config.progress=False", *overrides]
 
 
@@ -77,6 +77,25 @@ def test_train_writes_adapter_metrics_results_and_eval_agrees(tmp_path):
   config.model, config.random_init = os.path.join(workdir, "merged"), False
   merged = eval_cli.evaluate(config, None, "test", "config")
   assert merged["top1"] == pytest.approx(results["test_top1"])
+
+
+def test_block_lora_trains_through_the_same_command_and_eval_reads_its_adapter(tmp_path):
+  workdir = str(tmp_path / "block")
+  out = subprocess.run(train_cmd(workdir, "--config.total_steps=10", "--config.lora.split=rank",
+                                 "--config.lora.blocks=2", "--config.lora.rank=4",
+                                 config_arg=":method=block_lora"),
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  adapter = read_adapter(workdir)
+  assert adapter.config == block_lora.BlockLoRAConfig(split="rank", blocks=2, rank=4)
+  assert adapter.lora["vision"]["layers_0"]["attn"]["q"]["b"].shape == (2, 2, 64)
+  assert results["trainable_parameters"] == lora.num_parameters(adapter.lora)
+  config = runlocal.get_config("method=block_lora")
+  config.progress = False
+  evaluated = load_eval_module().evaluate(config, os.path.join(workdir, "adapter.safetensors"),
+                                          "test", "auto")
+  assert evaluated["top1"] == pytest.approx(results["test_top1"])
 
 
 def test_killed_run_resumes_to_the_same_adapter(tmp_path):
