@@ -155,12 +155,50 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
-def _restore_or(manager: ocp.CheckpointManager, state: State) -> State:
+def restore_or(manager: ocp.CheckpointManager, state: State) -> State:
   """The latest checkpoint if there is one (a resumed run), else `state`."""
   step = manager.latest_step()
   if step is None:
     return state
   return manager.restore(step, args=ocp.args.StandardRestore(state))
+
+
+def fit(state: State, next_step: Callable[[State], tuple[State, dict[str, jax.Array]]],
+        config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
+        writer: metrics.MetricWriter, schedule: optax.Schedule, steps: int, desc: str,
+        validation: Callable[[State], dict[str, float]] | None = None) -> State:
+  """The loop every method trains with: `next_step` from `state["step"]` up to `steps`.
+
+  Shows a progress bar (process 0, `config.progress`); every `config.log_every` steps writes the
+  mean train metrics, the learning rate and steps/s; every `config.eval_every` steps (if set)
+  writes `validation(state)`; saves the state every `config.checkpoint_every` steps and at the
+  end, and waits for the writes. `next_step` draws its own batch: batch k is a pure function of
+  (seed, k), so a resumed run continues the same sequence.
+  """
+  start = int(state["step"])
+  lead = jax.process_index() == 0
+  progress = tqdm.tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True,
+                       disable=not (config.progress and lead))
+  window: list[dict[str, jax.Array]] = []
+  tick = time.perf_counter()
+  for step in range(start + 1, steps + 1):
+    state, step_metrics = next_step(state)
+    window.append(step_metrics)
+    progress.update(1)
+    if step % config.log_every == 0 or step == steps:
+      summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      summary.update(learning_rate=float(schedule(step - 1)),
+                     steps_per_second=len(window) / (time.perf_counter() - tick))
+      writer.write(step, {f"train/{k}": v for k, v in summary.items()})
+      progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
+      window, tick = [], time.perf_counter()
+    if validation and config.eval_every and step % config.eval_every == 0 and step != steps:
+      writer.write(step, {f"val/{k}": v for k, v in validation(state).items()})
+    if step % config.checkpoint_every == 0 or step == steps:
+      manager.save(step, args=ocp.args.StandardSave(state))
+  progress.close()
+  manager.wait_until_finished()
+  return state
 
 
 def data_context(config: ml_collections.ConfigDict):
@@ -216,40 +254,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lora_params = lora.init(jax.random.PRNGKey(config.seed), base.config, lora_config)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
     state = sharding.put_replicated(init_state(config.seed, lora_params, optimizer), mesh)
-    state = _restore_or(manager, state)
-    start = int(state["step"])
+    state = restore_or(manager, state)
     train_step = make_train_step(step_config, optimizer, mesh)
-    schedule = learning_rate_schedule(config.optimizer, steps)
     batches = data.train_batches(few_shot, batch_size=config.batch_size, image_size=image_size,
-                                 seed=config.seed, start_step=start, **hosts)
+                                 seed=config.seed, start_step=int(state["step"]), **hosts)
+
+    def next_step(state: State) -> tuple[State, dict[str, jax.Array]]:
+      batch = place(next(batches))
+      return train_step(state, params, batch["image"], batch["label"], text)
+
+    def validation(state: State) -> dict[str, float]:
+      return evaluation.evaluate_adapter(
+          base.config, params, state["lora"], lora_config, prompt_ids,
+          data.few_shot_val_batches(few_shot, config.eval_batch_size, image_size, **hosts),
+          place=place, progress=False)
 
     with metrics.MetricWriter(workdir, enabled=lead) as writer:
-      progress = tqdm.tqdm(total=steps, initial=start, desc=f"{spec.name} {config.shots}-shot",
-                           disable=not (config.progress and lead), dynamic_ncols=True)
-      window: list[dict[str, jax.Array]] = []
-      tick = time.perf_counter()
-      for step in range(start + 1, steps + 1):
-        batch = place(next(batches))
-        state, step_metrics = train_step(state, params, batch["image"], batch["label"], text)
-        window.append(step_metrics)
-        progress.update(1)
-        if step % config.log_every == 0 or step == steps:
-          summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-          summary.update(learning_rate=float(schedule(step - 1)),
-                         steps_per_second=len(window) / (time.perf_counter() - tick))
-          writer.write(step, {f"train/{k}": v for k, v in summary.items()})
-          progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
-          window, tick = [], time.perf_counter()
-        if config.eval_every and step % config.eval_every == 0 and step != steps:
-          val = evaluation.evaluate_adapter(
-              base.config, params, state["lora"], lora_config, prompt_ids,
-              data.few_shot_val_batches(few_shot, config.eval_batch_size, image_size, **hosts),
-              place=place, progress=False)
-          writer.write(step, {f"val/{k}": v for k, v in val.items()})
-        if step % config.checkpoint_every == 0 or step == steps:
-          manager.save(step, args=ocp.args.StandardSave(state))
-      progress.close()
-      manager.wait_until_finished()
+      state = fit(state, next_step, config, manager, writer,
+                  learning_rate_schedule(config.optimizer, steps), steps,
+                  desc=f"{spec.name} {config.shots}-shot", validation=validation)
 
       adapter = lora.Adapter(jax.device_get(state["lora"]), lora_config, base.name, base.config,
                              base.fingerprint)
