@@ -1,4 +1,5 @@
-"""Evaluates CLIP on a benchmark split: zero-shot, with a trained adapter, or a merged checkpoint.
+"""Evaluates CLIP on a benchmark split: zero-shot, with a trained adapter (CLIP-LoRA, Block-LoRA
+or LLU), or a merged checkpoint.
 
   # zero-shot CLIP (CoOp-protocol template of the dataset; --templates=ensemble for CLIP's 80)
   python eval.py --config configs/fewshot.py:dataset=eurosat
@@ -17,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import cli, data, evaluation, files, lora, training
+from clip_lora_jax import cli, data, evaluation, files, llu, lora, methods, training
 from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
@@ -44,9 +45,10 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str) -> dict:
   base = base_lib.load_base_model(config.model, config.random_init, config.seed)
   spec = data.get_dataset(config.dataset)
   params = base.params
-  if adapter_path:
-    adapter = lora.load_adapter(adapter_path)
+  adapter = methods.load_adapter(adapter_path) if adapter_path else None
+  if adapter is not None:
     lora.check_compatible(adapter, base.name, base.config, base.fingerprint)
+  if isinstance(adapter, lora.Adapter):  # weight-space: merged, then plain CLIP
     params = lora.merge(base.params, adapter.lora, adapter.config)
   if choice == "auto":
     choice = "config" if adapter_path else "coop"
@@ -59,7 +61,10 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str) -> dict:
                                 image_size=image_size, data_dir=config.data_dir,
                                 split_file=config.split_file)
     total = data.num_examples(spec, split, data_dir=config.data_dir, split_file=config.split_file)
-    result = evaluation.evaluate(params, base.config, classifier, batches, total, config.progress)
+    logits_fn = (llu.logits_fn(params, base.config, adapter, classifier)
+                 if isinstance(adapter, llu.Adapter)
+                 else evaluation.clip_logits_fn(params, base.config, classifier))
+    result = evaluation.evaluate(logits_fn, batches, total, config.progress)
   return {"dataset": spec.name, "split": split, "model": base.name, "adapter": adapter_path,
           "templates": list(templates), **result}
 

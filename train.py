@@ -1,8 +1,10 @@
-"""Few-shot training of CLIP (CLIP-LoRA), driven by an ml_collections config file.
+"""Few-shot training of CLIP (CLIP-LoRA, Block-LoRA, LLU), driven by an ml_collections config file.
 
   python train.py --config configs/eurosat_16shot.py --workdir runs/eurosat_16shot
   python train.py --config configs/fewshot.py:dataset=dtd,shots=4,seed=2 --workdir runs/dtd \\
       --config.lora.rank=4
+  python train.py --config configs/block_lora.py --workdir runs/eurosat_block_lora
+  python train.py --config configs/llu.py --workdir runs/eurosat_llu
 
 The workdir receives `adapter.safetensors`, `results.json`, `metrics.jsonl`, TensorBoard events
 and orbax checkpoints; re-running the same command resumes from the last checkpoint.
@@ -17,7 +19,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from clip_lora_jax import cli, sharding, training
+from clip_lora_jax import cli, methods, sharding
 from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
@@ -39,7 +41,7 @@ def main(argv):
   with exit_on_user_error():
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                     auto=f.distributed)
-    results = training.train_and_evaluate(f.config, f.workdir)
+    results = methods.train_and_evaluate(f.config, f.workdir)
   if jax.process_index() == 0:
     print(f"test top-1 {results['test_top1']:.2f}%  top-5 {results['test_top5']:.2f}%  "
           f"({results['test_count']} images) -> {f.workdir}/results.json")

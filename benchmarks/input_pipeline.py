@@ -4,7 +4,7 @@ A synthetic few-shot set of JPEG images (by default 10 classes x 16 shots of 500
 typical size of an ImageNet photo) goes through `data.train_batches`: JPEG decoding,
 RandomResizedCrop to 224 (bicubic), flip, CLIP normalisation, batching. After `--warmup` batches,
 `--batches` batches are timed; the best of `--repeats` timings is reported, as images per second.
-The same images then go through the test preprocessing (`data.few_shot_val_batches`: decode,
+The same images then go through the test preprocessing (`data.few_shot_eval_batches`: decode,
 shortest side to 224, central crop) for an eval-side figure.
 
 Compare with the train step's consumption, batch / (seconds per step) (benchmarks/train_step.py):
@@ -91,7 +91,7 @@ def main() -> None:
 
   def eval_batches():  # the val shots repeated, so that enough batches exist
     while True:
-      yield from data.few_shot_val_batches(few, args.batch, args.image_size)
+      yield from data.few_shot_eval_batches(few, "val", args.batch, args.image_size)
   test = images_per_second(eval_batches, args.batch, args)
   print(f"test preprocessing (decode, resize shortest side, center crop, normalise): "
         f"{test:.0f} images/s")

@@ -42,18 +42,31 @@ def zero_shot_classifier(params: model.Params, config: model.CLIPConfig, tokeniz
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _batch_counts(params, config, classifier, images, labels, mask):
-  logits = model.normalize(model.encode_images(params, images, config)) @ classifier.T
-  top5 = jax.lax.top_k(logits, min(5, classifier.shape[0]))[1]
+def _clip_logits(params: model.Params, config: model.CLIPConfig, classifier: jax.Array,
+                 images: jax.Array) -> jax.Array:
+  return model.normalize(model.encode_images(params, images, config)) @ classifier.T
+
+
+def clip_logits_fn(params: model.Params, config: model.CLIPConfig,
+                   classifier: jax.Array) -> Callable[[jax.Array], jax.Array]:
+  """images -> cos(image, class) logits of CLIP with (C, E) unit class embeddings `classifier`
+  (one compiled program; the weights are arguments, not constants baked into it)."""
+  return functools.partial(_clip_logits, params, config, classifier)
+
+
+@jax.jit
+def _counts(logits: jax.Array, labels: jax.Array, mask: jax.Array):
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
   hit1 = (top5[:, 0] == labels) * mask
   hit5 = jnp.any(top5 == labels[:, None], axis=-1) * mask
   return hit1.sum(), hit5.sum(), mask.sum()
 
 
-def evaluate(params: model.Params, config: model.CLIPConfig, classifier: jax.Array,
+def evaluate(logits_fn: Callable[[jax.Array], jax.Array],
              batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
              progress: bool = True, place: Callable[[dict], dict] = dict) -> dict[str, float]:
-  """Top-1 / top-5 accuracy (in %) of nearest-class-embedding classification.
+  """Top-1 / top-5 accuracy (in %) of the class scores `logits_fn(images)` (e.g.
+  `clip_logits_fn`, or an adapter's such as `llu.logits_fn`).
 
   `batches` yield {"image", "label", "mask"}; examples with mask 0 (padding of the last batch)
   are not counted. `place` puts a host batch on devices (e.g. `sharding.global_batch`, where
@@ -64,8 +77,8 @@ def evaluate(params: model.Params, config: model.CLIPConfig, classifier: jax.Arr
                  dynamic_ncols=True) as bar:
     for host_batch in batches:
       batch = place({"mask": np.ones(len(host_batch["label"]), np.float32), **host_batch})
-      h1, h5, n = _batch_counts(params, config, classifier, batch["image"], batch["label"],
-                                batch["mask"].astype(jnp.float32))
+      h1, h5, n = _counts(logits_fn(batch["image"]), batch["label"],
+                          batch["mask"].astype(jnp.float32))
       hits1, hits5, count = hits1 + float(h1), hits5 + float(h5), count + int(n)
       bar.update(int(n))
   if count == 0:
@@ -73,12 +86,11 @@ def evaluate(params: model.Params, config: model.CLIPConfig, classifier: jax.Arr
   return {"top1": 100.0 * hits1 / count, "top5": 100.0 * hits5 / count, "count": count}
 
 
-def evaluate_adapter(config: model.CLIPConfig, params: model.Params, lora_params: model.Params,
-                     lora_config: lora.LoRAConfig, class_prompt_ids: np.ndarray,
-                     batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
-                     progress: bool = True, place: Callable[[dict], dict] = dict
-                     ) -> dict[str, float]:
-  """Accuracy of base `params` with an adapter merged in, classes given by (C, T) prompt ids."""
+def adapter_logits_fn(config: model.CLIPConfig, params: model.Params, lora_params: model.Params,
+                      lora_config: lora.LoRAConfig,
+                      class_prompt_ids: np.ndarray) -> Callable[[jax.Array], jax.Array]:
+  """`clip_logits_fn` of base `params` with a weight-space adapter merged in, the classes given
+  by (C, T) prompt ids."""
   merged = lora.merge(params, lora_params, lora_config)
   classifier = text_classifier(merged, config, jnp.asarray(class_prompt_ids)[:, None, :])
-  return evaluate(merged, config, classifier, batches, total, progress, place)
+  return clip_logits_fn(merged, config, classifier)

@@ -9,6 +9,12 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from clip_lora_jax.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -30,3 +36,21 @@ def write_json(path: str, obj: Any) -> None:
   """`obj` as indented JSON, atomically."""
   with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  """A safetensors file with string metadata, atomically."""
+  with atomic_path(path) as tmp:
+    safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+
+
+def read_safetensors(path: str, what: str = "adapter") -> tuple[dict[str, np.ndarray],
+                                                                 dict[str, str]]:
+  """(tensors, metadata) of a safetensors file; a UserError if it is missing or unreadable."""
+  if not os.path.isfile(path):
+    raise UserError(f"{what} file {path!r} does not exist")
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+  except Exception as e:  # safetensors raises its own error types for corrupt files
+    raise UserError(f"{path!r} is not a readable safetensors {what} file: {e}") from e

@@ -16,20 +16,32 @@ classes keep CLIP's zero-shot predictions. The parameters are one pytree
 
 holding the adapted modalities only. Unlike the paper's code, which takes the maximum similarity
 over the whole batch, d is computed for each sample on its own.
+
+`train_and_evaluate` runs the method as train.py does for every method: the frozen embeddings
+of `views` augmented views of the few-shot images are computed once (`clip_lora_jax.features`,
+cached), the clean shots and the class prompts are the anchors, and the shared loop
+(`training.fit`) trains the maps with AdamW on the cached features in seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+import json
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import scipy.cluster.hierarchy
+from flax import traverse_util
 
+from clip_lora_jax import data, evaluation, features, files, lora, metrics, model, sharding
+from clip_lora_jax import training
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.model import Params, cosine_logits, normalize
 
@@ -53,8 +65,8 @@ class LLUConfig:
   'text' or 'both'. image_clusters / text_clusters: the number of anchor centres of each side
   (None keeps every anchor; the paper clusters only beyond 16 shots). regularization: the weight
   of mean((W - I)^2) + mean(b^2) per modality in the loss (untuned). views: augmented views per
-  few-shot image whose embeddings form the training set; learning_rate, steps, batch_size and
-  weight_decay drive AdamW.
+  few-shot image whose embeddings form the training set. The optimizer, step count and batch
+  size are the run config's, as for every method (configs/llu.py).
   """
   gamma: float = 0.5
   lam: float = -10.0
@@ -64,10 +76,6 @@ class LLUConfig:
   text_clusters: int | None = None
   regularization: float = 1.0
   views: int = 10
-  learning_rate: float = 1e-3
-  steps: int = 300
-  batch_size: int = 256
-  weight_decay: float = 0.0
 
   def __post_init__(self):
     if not 0.0 <= self.gamma <= 1.0:
@@ -84,13 +92,8 @@ class LLUConfig:
         raise UserError(f"llu.{name}={value!r}: use a positive integer or None (every anchor)")
     if self.regularization < 0.0:
       raise UserError(f"llu.regularization={self.regularization}: must be >= 0")
-    for name in ("views", "steps", "batch_size"):
-      if getattr(self, name) <= 0:
-        raise UserError(f"llu.{name}={getattr(self, name)}: must be a positive integer")
-    if self.learning_rate <= 0.0:
-      raise UserError(f"llu.learning_rate={self.learning_rate}: must be > 0")
-    if self.weight_decay < 0.0:
-      raise UserError(f"llu.weight_decay={self.weight_decay}: must be >= 0")
+    if self.views <= 0:
+      raise UserError(f"llu.views={self.views}: must be a positive integer")
 
   @property
   def adapted(self) -> tuple[str, ...]:
@@ -193,3 +196,134 @@ def loss(params: Params, image_emb: jax.Array, labels: jax.Array, text_emb: jax.
 def num_parameters(params: Params) -> int:
   """Trainable parameter count."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+FORMAT = "clip_lora_jax.llu/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """A trained LLU adapter with its anchors and the identity of its base."""
+  params: Params
+  anchors: dict[str, np.ndarray]
+  config: LLUConfig
+  base_name: str
+  base_config: model.CLIPConfig
+  base_fingerprint: str
+
+
+def save_adapter(path: str, adapter: Adapter) -> None:
+  """One safetensors file: the maps, the anchors, the config and the base identity (atomic)."""
+  tensors = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(
+      {"params": adapter.params, "anchors": adapter.anchors}, sep=".").items()}
+  metadata = {"format": FORMAT, "method": "llu",
+              "llu_config": json.dumps(adapter.config.to_dict()),
+              **lora.base_metadata(adapter.base_name, adapter.base_config,
+                                   adapter.base_fingerprint)}
+  files.write_safetensors(path, tensors, metadata)
+
+
+def load_adapter(path: str) -> Adapter:
+  """Reads a file written by `save_adapter`, checking it holds what its config adapts."""
+  tensors, metadata = files.read_safetensors(path)
+  if metadata.get("format") != FORMAT:
+    raise UserError(f"{path!r} is not an LLU adapter file")
+  config = LLUConfig.from_dict(json.loads(metadata["llu_config"]))
+  tree = traverse_util.unflatten_dict(tensors, sep=".")
+  params, anchors = tree.get("params", {}), tree.get("anchors", {})
+  if set(params) != set(config.adapted) or set(anchors) != set(config.adapted):
+    raise UserError(f"{path!r}: the file holds maps for {sorted(params)} and anchors for "
+                    f"{sorted(anchors)} where its config adapts {list(config.adapted)}")
+  return Adapter(jax.tree.map(jnp.asarray, params), anchors, config,
+                 *lora.base_from_metadata(metadata))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _image_logits(base_params: Params, model_config: model.CLIPConfig, params: Params,
+                  anchors: Mapping[str, jax.Array], config: LLUConfig, classifier: jax.Array,
+                  images: jax.Array) -> jax.Array:
+  return logits(params, model.encode_images(base_params, images, model_config), classifier,
+                anchors, config)
+
+
+def logits_fn(base_params: Params, model_config: model.CLIPConfig, adapter: Adapter,
+              classifier: jax.Array) -> Callable[[jax.Array], jax.Array]:
+  """images -> LLU logits against the (C, E) class embeddings `classifier` (text side updated
+  by the adapter too), for `evaluation.evaluate`."""
+  anchors = {k: jnp.asarray(v) for k, v in adapter.anchors.items()}
+  return functools.partial(_image_logits, base_params, model_config, adapter.params, anchors,
+                           adapter.config, jnp.asarray(classifier))
+
+
+def batch_indices(count: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Rows of training batch `step` (from 0) over `count` features: epoch e visits every row once
+  in an order seeded by (seed, e); a batch of at least `count` rows is the whole set, in order.
+  A pure function of its arguments, so a resumed run draws the same batches."""
+  if batch_size >= count:
+    return np.arange(count)
+  positions = step * batch_size + np.arange(batch_size)
+  epochs = positions // count
+  orders = {e: np.random.default_rng([seed, e]).permutation(count) for e in np.unique(epochs)}
+  return np.array([orders[e][p % count] for e, p in zip(epochs, positions)])
+
+
+def make_train_step(config: LLUConfig, optimizer: optax.GradientTransformation) -> Callable:
+  """A jitted `(state, image_emb, labels, text_emb, anchors) -> (state, metrics)`, donated state."""
+  def step(state, image_emb, labels, text_emb, anchors):
+    (value, accuracy), grads = jax.value_and_grad(loss, has_aux=True)(
+        state["llu"], image_emb, labels, text_emb, anchors, config)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["llu"])
+    return ({"step": state["step"] + 1, "llu": optax.apply_updates(state["llu"], updates),
+             "opt_state": opt_state}, {"loss": value, "accuracy": accuracy})
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains LLU as `config` says (resuming from `workdir`'s last checkpoint); returns and (on
+  process 0) writes `results.json` with the test top-1 / top-5 of CLIP with the adapter."""
+  llu_config = LLUConfig.from_dict(config.llu.to_dict())
+  run = training.start_run(config, workdir)
+  base, mesh = run.base, run.mesh
+  params = sharding.put_replicated(base.params, mesh)
+
+  with training.data_context(config):
+    few_shot = data.load_few_shot(run.spec, config.shots, config.seed, data_dir=config.data_dir,
+                                  split_file=config.split_file, cache_dir=config.cache_dir)
+    feats = features.few_shot_features(params, base.config, base.fingerprint, few_shot,
+                                       llu_config.views, config.seed, config.eval_batch_size,
+                                       mesh, config.cache_dir)
+    classifier = evaluation.zero_shot_classifier(params, base.config, base.tokenizer,
+                                                 run.spec.class_names, (config.template,))
+    anchors = {"image": cluster_anchors(feats["shots"], llu_config.image_clusters),
+               "text": cluster_anchors(np.asarray(classifier), llu_config.text_clusters)}
+    anchors = {m: anchors[m] for m in llu_config.adapted}
+    placed_anchors = sharding.put_replicated(anchors, mesh)
+
+    optimizer = training.make_optimizer(config.optimizer, run.steps)
+    fresh = init(base.config.embed_dim, llu_config)
+    state = {"step": jnp.zeros((), jnp.int32), "llu": fresh, "opt_state": optimizer.init(fresh)}
+    manager = training.checkpoint_manager(workdir, config.keep_checkpoints)
+    state = training.restore_or(manager, sharding.put_replicated(state, mesh))
+    train_step = make_train_step(llu_config, optimizer)
+
+    def next_step(state):
+      rows = batch_indices(len(feats["views"]), config.batch_size, config.seed, int(state["step"]))
+      batch = sharding.put_replicated((feats["views"][rows], feats["view_labels"][rows]), mesh)
+      return train_step(state, *batch, classifier, placed_anchors)
+
+    def validation(state) -> dict[str, float]:
+      z = logits(state["llu"], feats["val"], classifier, placed_anchors, llu_config)
+      return {"top1": 100.0 * float(np.mean(np.argmax(z, -1) == feats["val_labels"]))}
+
+    with metrics.MetricWriter(workdir, enabled=run.lead) as writer:
+      state = training.fit(state, next_step, config, manager, writer,
+                           training.learning_rate_schedule(config.optimizer, run.steps), run.steps,
+                           desc=f"LLU {run.spec.name} {config.shots}-shot",
+                           validation=validation if "val" in feats else None)
+      adapter = Adapter(jax.device_get(state["llu"]), anchors, llu_config, base.name, base.config,
+                        base.fingerprint)
+      if run.lead:
+        save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
+      test = run.test_accuracy(logits_fn(params, base.config, adapter, classifier))
+      writer.write(run.steps, {f"test/{k}": v for k, v in test.items()})
+  return run.finish(num_parameters(adapter.params), test)

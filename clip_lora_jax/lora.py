@@ -17,14 +17,12 @@ import hashlib
 import importlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import traverse_util
 
 from clip_lora_jax import files
@@ -243,39 +241,38 @@ def save_adapter(path: str, adapter: Adapter) -> None:
 
   Written to a temporary file in the same directory, then renamed: never half-written.
   """
-  metadata = {
-      "format": "clip_lora_jax.lora/1",
-      "method": adapter.config.method,
-      "lora_config": json.dumps(adapter.config.to_dict()),
-      "base_name": adapter.base_name,
-      "base_config": json.dumps(dataclasses.asdict(adapter.base_config)),
-      "base_fingerprint": adapter.base_fingerprint,
-  }
+  metadata = {"format": "clip_lora_jax.lora/1", "method": adapter.config.method,
+              "lora_config": json.dumps(adapter.config.to_dict()),
+              **base_metadata(adapter.base_name, adapter.base_config, adapter.base_fingerprint)}
   flat = {k: np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(adapter.lora, sep=".").items()}
-  with files.atomic_path(path) as tmp:
-    safetensors.numpy.save_file(flat, tmp, metadata=metadata)
+  files.write_safetensors(path, flat, metadata)
 
 
 def load_adapter(path: str) -> Adapter:
   """Reads an adapter file written by `save_adapter`, checking its shapes against its config."""
-  if not os.path.isfile(path):
-    raise UserError(f"adapter file {path!r} does not exist")
-  try:
-    with safetensors.safe_open(path, framework="numpy") as f:
-      metadata = f.metadata() or {}
-      flat = {k: f.get_tensor(k) for k in f.keys()}
-  except Exception as e:  # safetensors raises its own error types for corrupt files
-    raise UserError(f"{path!r} is not a readable safetensors adapter file: {e}") from e
+  flat, metadata = files.read_safetensors(path)
   if metadata.get("format") != "clip_lora_jax.lora/1":
     raise UserError(f"{path!r} is not a clip_lora_jax adapter file (no adapter metadata)")
   config_class = config_type(metadata.get("method", LoRAConfig.method))
   config = config_class.from_dict(json.loads(metadata["lora_config"]))
-  base_config = config_from_dict(json.loads(metadata["base_config"]))
+  base_name, base_config, fingerprint = base_from_metadata(metadata)
   lora = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="."))
   expected = jax.eval_shape(lambda key: init(key, base_config, config), jax.random.key(0))
   check_matches(lora, expected, what=f"adapter {path!r}")
-  return Adapter(lora, config, metadata["base_name"], base_config, metadata["base_fingerprint"])
+  return Adapter(lora, config, base_name, base_config, fingerprint)
+
+
+def base_metadata(base_name: str, base_config: CLIPConfig, fingerprint: str) -> dict[str, str]:
+  """What an adapter file records of its base (every method's files: see `check_compatible`)."""
+  return {"base_name": base_name, "base_config": json.dumps(dataclasses.asdict(base_config)),
+          "base_fingerprint": fingerprint}
+
+
+def base_from_metadata(metadata: dict[str, str]) -> tuple[str, CLIPConfig, str]:
+  """The inverse of `base_metadata`: (name, architecture, fingerprint)."""
+  return (metadata["base_name"], config_from_dict(json.loads(metadata["base_config"])),
+          metadata["base_fingerprint"])
 
 
 def check_matches(lora: Params, expected: Params, what: str) -> None:
@@ -288,9 +285,10 @@ def check_matches(lora: Params, expected: Params, what: str) -> None:
                       "expected (was it made for another architecture, rank or layer set?)")
 
 
-def check_compatible(adapter: Adapter, base_name: str, base_config: CLIPConfig,
+def check_compatible(adapter: Any, base_name: str, base_config: CLIPConfig,
                      fingerprint: str, lora_config: LoRAConfig | None = None) -> None:
-  """Raises a UserError when `adapter` was not made for this base (or for this LoRA config)."""
+  """Raises a UserError when `adapter` (any method's: it has `base_name`, `base_config` and
+  `base_fingerprint`) was not made for this base (or, for LoRA, for this LoRA config)."""
   if adapter.base_config != base_config:
     raise UserError(f"the adapter was trained on base {adapter.base_name!r} "
                     f"({adapter.base_config.name or 'custom architecture'}), whose architecture "

@@ -60,7 +60,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.dtype={config.dtype!r}: use one of {', '.join(DTYPES)}")
   if "{}" not in config.template:
     raise UserError(f"config.template={config.template!r} has no '{{}}' for the class name")
-  lora_config_from(config)
 
 
 def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
@@ -221,28 +220,81 @@ def _text_input(base: base_lib.BaseModel, params: model.Params, prompt_ids: np.n
   return encode(params, sharding.put_replicated(prompt_ids, mesh))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains an adapter as `config` says, resuming from `workdir`'s last checkpoint; returns and
-  (on process 0) writes `results.json` with the test top-1 / top-5 of the merged model."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every method's run starts from (see `start_run`) and how it ends (`finish`)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  steps: int
+  base: base_lib.BaseModel
+  spec: data.DatasetSpec
+
+  @property
+  def lead(self) -> bool:
+    """Process 0: the one that writes files."""
+    return jax.process_index() == 0
+
+  @property
+  def hosts(self) -> dict[str, int]:
+    """This process's place among the processes, for the data pipelines."""
+    return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+  def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> the global batch, sharded over the mesh."""
+    return sharding.global_batch(self.mesh, batch)
+
+  def test_accuracy(self, logits_fn: Callable[[jax.Array], jax.Array]) -> dict[str, float]:
+    """Top-1 / top-5 of `logits_fn` on the dataset's test split (progress bar on process 0)."""
+    c = self.config
+    split = dict(data_dir=c.data_dir, split_file=c.split_file)
+    return evaluation.evaluate(
+        logits_fn,
+        data.eval_batches(self.spec, "test", batch_size=c.eval_batch_size,
+                          image_size=self.base.config.vision.image_size, **split, **self.hosts),
+        total=data.num_examples(self.spec, "test", **split), place=self.place,
+        progress=c.progress and self.lead)
+
+  def finish(self, trainable_parameters: int, test: dict[str, float]) -> dict[str, Any]:
+    """The run's results; written to `results.json` by process 0 (the last file a run writes)."""
+    c = self.config
+    results = {"method": c.method, "dataset": self.spec.name, "shots": c.shots, "seed": c.seed,
+               "model": self.base.name, "steps": self.steps,
+               "trainable_parameters": trainable_parameters,
+               **{f"test_{k}": v for k, v in test.items()}}
+    if self.lead:
+      files.write_json(os.path.join(self.workdir, "results.json"), results)
+    return results
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Checks the config, makes the device mesh, loads the base model and the dataset spec, and
+  records the config in the workdir: the start every method's `train_and_evaluate` shares."""
   validate(config)
-  lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh()
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh)
+  run = Run(config, workdir, mesh, total_steps(config),
+            base_lib.load_base_model(config.model, config.random_init, config.seed),
+            data.get_dataset(config.dataset))
+  if run.lead:
+    files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  return run
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains a weight-space adapter (CLIP-LoRA, Block-LoRA) as `config` says, resuming from
+  `workdir`'s last checkpoint; returns and (on process 0) writes `results.json` with the test
+  top-1 / top-5 of the merged model."""
   lora_config = lora_config_from(config)
-  steps = total_steps(config)
-  base = base_lib.load_base_model(config.model, config.random_init, config.seed)
-  spec = data.get_dataset(config.dataset)
+  run = start_run(config, workdir)
+  base, spec, mesh, steps = run.base, run.spec, run.mesh, run.steps
   image_size = base.config.vision.image_size
   step_config = StepConfig(base.config, lora_config, config.logit_scale, DTYPES[config.dtype],
                            config.remat, num_classes=spec.num_classes)
-  if lead:
-    files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
   params = jax.device_put(base.params,
                           sharding.params_sharding(base.params, mesh, config.fsdp))
-  place = lambda batch: sharding.global_batch(mesh, batch)
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
   with data_context(config):
     few_shot = data.load_few_shot(spec, config.shots, config.seed, data_dir=config.data_dir,
@@ -257,43 +309,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = restore_or(manager, state)
     train_step = make_train_step(step_config, optimizer, mesh)
     batches = data.train_batches(few_shot, batch_size=config.batch_size, image_size=image_size,
-                                 seed=config.seed, start_step=int(state["step"]), **hosts)
+                                 seed=config.seed, start_step=int(state["step"]), **run.hosts)
+    logits_fn = lambda state: evaluation.adapter_logits_fn(
+        base.config, params, state["lora"], lora_config, prompt_ids)
 
     def next_step(state: State) -> tuple[State, dict[str, jax.Array]]:
-      batch = place(next(batches))
+      batch = run.place(next(batches))
       return train_step(state, params, batch["image"], batch["label"], text)
 
     def validation(state: State) -> dict[str, float]:
-      return evaluation.evaluate_adapter(
-          base.config, params, state["lora"], lora_config, prompt_ids,
-          data.few_shot_val_batches(few_shot, config.eval_batch_size, image_size, **hosts),
-          place=place, progress=False)
+      return evaluation.evaluate(
+          logits_fn(state), data.few_shot_eval_batches(few_shot, "val", config.eval_batch_size,
+                                                       image_size, **run.hosts),
+          place=run.place, progress=False)
 
-    with metrics.MetricWriter(workdir, enabled=lead) as writer:
+    with metrics.MetricWriter(workdir, enabled=run.lead) as writer:
       state = fit(state, next_step, config, manager, writer,
                   learning_rate_schedule(config.optimizer, steps), steps,
                   desc=f"{spec.name} {config.shots}-shot", validation=validation)
-
       adapter = lora.Adapter(jax.device_get(state["lora"]), lora_config, base.name, base.config,
                              base.fingerprint)
-      if lead:
+      if run.lead:
         lora.save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
         if config.export_merged:
           checkpoints.save_hf(os.path.join(workdir, "merged"), base.config,
                               lora.merge(base.params, adapter.lora, lora_config))
-      test = evaluation.evaluate_adapter(
-          base.config, params, state["lora"], lora_config, prompt_ids,
-          data.eval_batches(spec, "test", batch_size=config.eval_batch_size,
-                            image_size=image_size, data_dir=config.data_dir,
-                            split_file=config.split_file, **hosts),
-          total=data.num_examples(spec, "test", data_dir=config.data_dir,
-                                  split_file=config.split_file),
-          place=place, progress=config.progress and lead)
+      test = run.test_accuracy(logits_fn(state))
       writer.write(steps, {f"test/{k}": v for k, v in test.items()})
-
-  results = {"dataset": spec.name, "shots": config.shots, "seed": config.seed,
-             "model": base.name, "steps": steps, "trainable_parameters":
-             lora.num_parameters(adapter.lora), **{f"test_{k}": v for k, v in test.items()}}
-  if lead:
-    files.write_json(os.path.join(workdir, "results.json"), results)
-  return results
+  return run.finish(lora.num_parameters(adapter.lora), test)

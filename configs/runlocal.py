@@ -3,6 +3,7 @@ EuroSAT data (`tfds.testing.mock_data`). Accuracy is meaningless; everything els
 
   python train.py --config configs/runlocal.py --workdir /tmp/runlocal
   python train.py --config configs/runlocal.py:method=block_lora --workdir /tmp/runlocal_block
+  python train.py --config configs/runlocal.py:method=llu --workdir /tmp/runlocal_llu
 """
 
 import importlib
@@ -11,11 +12,11 @@ from clip_lora_jax import config_args
 from clip_lora_jax.errors import UserError
 
 # Method -> the config file of its full-size recipe.
-METHOD_CONFIGS = {"lora": "fewshot", "block_lora": "block_lora"}
+METHOD_CONFIGS = {"lora": "fewshot", "block_lora": "block_lora", "llu": "llu"}
 
 
 def get_config(arg: str | None = None):
-  """`arg`: `method=lora|block_lora` (default lora)."""
+  """`arg`: `method=lora|block_lora|llu` (default lora)."""
   args = config_args.parse(arg, method="lora")
   if args.method not in METHOD_CONFIGS:
     raise UserError(f"method={args.method!r}: use one of {', '.join(METHOD_CONFIGS)}")
@@ -25,7 +26,7 @@ def get_config(arg: str | None = None):
   c.random_init = True
   c.mock_data = True
   c.total_steps = 40
-  c.batch_size = 8
+  c.batch_size = 8 if args.method != "llu" else 32
   c.log_every = 5
   c.checkpoint_every = 20
   c.eval_batch_size = 16

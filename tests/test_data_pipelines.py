@@ -166,14 +166,18 @@ def test_process_slices_concatenate_to_the_global_batch():
           np.concatenate([slices[i][step][key] for i in range(3)]), batch[key])
 
 
-def test_few_shot_val_batches_pad_and_mask():
+def test_few_shot_eval_batches_pad_and_mask():
   few = few_shot_set(5)  # three validation shots, labels 0, 1, 2
-  batches = list(data.few_shot_val_batches(few, batch_size=2, image_size=8))
+  batches = list(data.few_shot_eval_batches(few, "val", batch_size=2, image_size=8))
   assert len(batches) == 2
   masks = np.concatenate([b["mask"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
   assert list(masks) == [1, 1, 1, 0] and list(labels[:3]) == [0, 1, 2]
   assert batches[1]["image"].shape == (2, 8, 8, 3)
+  train = list(data.few_shot_eval_batches(few, "train", batch_size=4, image_size=8))
+  mask = np.concatenate([b["mask"] for b in train]).astype(bool)
+  assert mask.sum() == len(few.images)
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in train])[mask], few.labels)
 
 
 @pytest.mark.parametrize("kwargs", [dict(batch_size=5, process_count=2),

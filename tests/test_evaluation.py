@@ -44,5 +44,6 @@ def test_evaluate_counts_top1_top5_and_ignores_padding(params):
   mask = np.array([1] * 10 + [0] * 2, np.int32)
   batches = [{"image": pad_images[i:i + 6], "label": pad_labels[i:i + 6], "mask": mask[i:i + 6]}
              for i in (0, 6)]
-  result = evaluation.evaluate(params, TINY, classifier, batches, progress=False)
+  result = evaluation.evaluate(evaluation.clip_logits_fn(params, TINY, classifier), batches,
+                               progress=False)
   assert result == {"top1": pytest.approx(40.0), "top5": pytest.approx(70.0), "count": 10}

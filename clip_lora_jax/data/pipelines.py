@@ -163,14 +163,18 @@ def eval_batches(spec: DatasetSpec, split: str = "test", batch_size: int = 256,
   return _reraise_corrupt(ds.as_numpy_iterator(), f"{spec.name} {split}")
 
 
-def few_shot_val_batches(few: FewShotSet, batch_size: int = 256, image_size: int = 224,
-                         process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-  """The validation shots of `few` as eval batches ({"image", "label", "mask"}); as in
-  `eval_batches`, each of P processes yields its contiguous 1/P, padded to the same count."""
+def few_shot_eval_batches(few: FewShotSet, part: str = "val", batch_size: int = 256,
+                          image_size: int = 224, process_index: int = 0,
+                          process_count: int = 1) -> Iterator[Batch]:
+  """The validation shots (`part="val"`) or the training shots (`part="train"`) of `few`,
+  test-preprocessed, as eval batches ({"image", "label", "mask"}); as in `eval_batches`, each
+  of P processes yields its contiguous 1/P, padded to the same count."""
+  images, labels = {"val": (few.val_images, few.val_labels),
+                    "train": (few.images, few.labels)}[part]
+
   def encoded_part(start: int, end: int) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(
-        (tf.constant(few.val_images[start:end], tf.string),
-         few.val_labels[start:end].astype(np.int32)))
+        (tf.constant(images[start:end], tf.string), labels[start:end].astype(np.int32)))
 
-  return _process_eval_batches(len(few.val_images), encoded_part, batch_size, image_size,
+  return _process_eval_batches(len(images), encoded_part, batch_size, image_size,
                                process_index, process_count).as_numpy_iterator()

@@ -1,0 +1,95 @@
+"""Frozen CLIP image embeddings of few-shot sets, for methods that train on features (LLU; the
+same serves feature-cache baselines such as Tip-Adapter or a linear probe).
+
+The embeddings of `views` augmented views of every training shot, of the clean (test-
+preprocessed) training shots and of the validation shots are computed once with the frozen
+base and cached as one .npz keyed by the base weights and the exact images, so a second run
+(another seed of the method's own randomness, other hyper-parameters, a resumed run) starts
+training within seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+
+import jax
+import numpy as np
+
+from clip_lora_jax import data, model, sharding
+from clip_lora_jax.data import source
+
+_VERSION = 1  # Bump when what is cached changes.
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _encode(params: model.Params, config: model.CLIPConfig, images: jax.Array) -> jax.Array:
+  return model.encode_images(params, images, config)
+
+
+def embed_batches(params: model.Params, config: model.CLIPConfig,
+                  batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh,
+                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(N, E) float32 unnormalised image embeddings and (N,) labels of every unmasked row of
+  `batches` (each process's rows of global batches), in order; stops after `limit` rows."""
+  place = lambda batch: sharding.global_batch(mesh, batch)
+  gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
+  embeddings, labels = [], []
+  count = 0
+  for host_batch in batches:
+    batch = place({"mask": np.ones(len(host_batch["label"]), np.int32), **host_batch})
+    emb, label, mask = (np.asarray(gather(x).addressable_data(0)) for x in
+                        (_encode(params, config, batch["image"]), batch["label"], batch["mask"]))
+    keep = mask.astype(bool)
+    embeddings.append(emb[keep])
+    labels.append(label[keep])
+    count += int(keep.sum())
+    if limit is not None and count >= limit:
+      break
+  return (np.concatenate(embeddings)[:limit].astype(np.float32),
+          np.concatenate(labels)[:limit].astype(np.int32))
+
+
+def few_shot_features(params: model.Params, config: model.CLIPConfig, fingerprint: str,
+                      few: data.FewShotSet, views: int, seed: int, batch_size: int,
+                      mesh: jax.sharding.Mesh, cache_dir: str | None = None
+                      ) -> dict[str, np.ndarray]:
+  """Embeddings of a few-shot set, from the cache when present:
+
+  views, view_labels: `views` augmented views of every training shot, (views x N, E): the first
+    `views` epochs of `data.train_batches(few, seed=seed)`, i.e. the very images a LoRA run
+    of that seed trains on first;
+  shots, shot_labels: the training shots test-preprocessed (decode, resize, centre crop);
+  val, val_labels: the validation shots, test-preprocessed.
+  """
+  path = _cache_path(cache_dir or source.default_cache_dir(), fingerprint, config, few, views,
+                     seed)
+  if os.path.exists(path):
+    with np.load(path) as cached:
+      return dict(cached)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  size = config.vision.image_size
+  embed = functools.partial(embed_batches, params, config, mesh=mesh)
+  out = {}
+  out["views"], out["view_labels"] = embed(
+      data.train_batches(few, batch_size=batch_size, image_size=size, seed=seed, **hosts),
+      limit=views * len(few.images))
+  out["shots"], out["shot_labels"] = embed(
+      data.few_shot_eval_batches(few, "train", batch_size, size, **hosts))
+  if len(few.val_images):
+    out["val"], out["val_labels"] = embed(
+        data.few_shot_eval_batches(few, "val", batch_size, size, **hosts))
+  if jax.process_index() == 0:
+    source.save_npz_atomic(path, **out)
+  return out
+
+
+def _cache_path(cache_dir: str, fingerprint: str, config: model.CLIPConfig,
+                few: data.FewShotSet, views: int, seed: int) -> str:
+  """Keyed by the base weights and architecture, the exact images and labels, views and seed."""
+  digest = hashlib.sha256(repr((_VERSION, fingerprint, config, views, seed)).encode())
+  for part in (*few.images, few.labels.tobytes(), *few.val_images, few.val_labels.tobytes()):
+    digest.update(hashlib.sha256(part).digest())
+  return os.path.join(cache_dir, "features", f"{digest.hexdigest()[:24]}.npz")
