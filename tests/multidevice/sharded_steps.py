@@ -1,5 +1,6 @@
 """Run under 8 simulated CPU devices: N train steps on a 1-device mesh, an 8-device data mesh,
-and an 8-device mesh with FSDP base weights; prints the max abs LoRA difference as JSON."""
+and an 8-device mesh with FSDP base weights; prints the max abs LoRA difference as JSON, and
+that of frozen image features (LLU's training set) gathered from 8 devices against 1."""
 
 import json
 import sys
@@ -7,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from clip_lora_jax import lora, model, sharding, training
+from clip_lora_jax import features, lora, model, sharding, training
 from configs import fewshot
 
 
@@ -36,6 +37,19 @@ def run(mesh, fsdp: bool, steps: int = 4):
   return jax.device_get(state["lora"])
 
 
+def image_features(mesh):
+  """Embeddings of 20 images in batches of 8 (the last one padded and masked)."""
+  config = model.get_config("tiny")
+  params = model.init_params(jax.random.key(0), config)
+  images = np.random.default_rng(1).normal(size=(24, 32, 32, 3)).astype(np.float32)
+  mask = (np.arange(24) < 20).astype(np.int32)
+  batches = [{"image": images[i:i + 8], "label": np.arange(i, i + 8, dtype=np.int32),
+              "mask": mask[i:i + 8]} for i in (0, 8, 16)]
+  emb, labels = features.embed_batches(params, config, batches, mesh)
+  assert emb.shape == (20, 32) and list(labels) == list(range(20)), (emb.shape, labels)
+  return emb
+
+
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()
   single = run(sharding.make_mesh(1), fsdp=False)
@@ -45,4 +59,6 @@ if __name__ == "__main__":
     diffs[name] = max(float(np.abs(a - b).max())
                       for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)))
   diffs["moved"] = max(float(np.abs(x).max()) for x in jax.tree.leaves(single))
+  diffs["features"] = float(np.abs(image_features(sharding.make_mesh(1))
+                                   - image_features(sharding.make_mesh(8))).max())
   json.dump(diffs, sys.stdout)
