@@ -25,7 +25,8 @@ _VERSION = 1  # Bump when what is cached changes.
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _encode(params: model.Params, config: model.CLIPConfig, images: jax.Array) -> jax.Array:
+def encode(params: model.Params, config: model.CLIPConfig, images: jax.Array) -> jax.Array:
+  """Unnormalised embeddings of the frozen image tower (compiled once per shape)."""
   return model.encode_images(params, images, config)
 
 
@@ -41,7 +42,7 @@ def embed_batches(params: model.Params, config: model.CLIPConfig,
   for host_batch in batches:
     batch = place({"mask": np.ones(len(host_batch["label"]), np.int32), **host_batch})
     emb, label, mask = (np.asarray(gather(x).addressable_data(0)) for x in
-                        (_encode(params, config, batch["image"]), batch["label"], batch["mask"]))
+                        (encode(params, config, batch["image"]), batch["label"], batch["mask"]))
     keep = mask.astype(bool)
     embeddings.append(emb[keep])
     labels.append(label[keep])
