@@ -59,7 +59,7 @@ class BlockLoRAConfig(lora.LoRAConfig):
                       "split='input'")
 
   def factor_shapes(self, width: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(in/n, r) and (r, out) for the input split; (in, r/n) and (n, r/n, out) for the rank split."""
+    """(in/n, r) and (r, out) for the input split; (in, r/n), (n, r/n, out) for the rank split."""
     n = self.blocks
     if self.split == "rank":
       return (width, self.rank // n), (n, self.rank // n, width)
