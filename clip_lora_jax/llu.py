@@ -281,6 +281,9 @@ def make_train_step(config: LLUConfig, optimizer: optax.GradientTransformation) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains LLU as `config` says (resuming from `workdir`'s last checkpoint); returns and (on
   process 0) writes `results.json` with the test top-1 / top-5 of CLIP with the adapter."""
+  if "llu" not in config:
+    raise UserError("config.method='llu' needs an `llu` section and LLU's training recipe; "
+                    "start from configs/llu.py")
   llu_config = LLUConfig.from_dict(config.llu.to_dict())
   run = training.start_run(config, workdir)
   base, mesh = run.base, run.mesh

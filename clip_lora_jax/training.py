@@ -1,11 +1,15 @@
-"""Few-shot training: optimizer, the jitted train step, and `train_and_evaluate`.
+"""Few-shot training: what every method's run shares, and the weight-space adapters' run.
 
-Data flow of `python train.py --config ...`: the config names a base model
-(`base.load_base_model`) and a dataset (`data.get_dataset`, `data.load_few_shot`); a LoRA
-adapter is initialised (`lora.init`); `make_train_step` builds one jitted update with donated
-state whose loss is the cross-entropy of `logit_scale * cos(image, text)` over all class
-prompts; the final adapter is merged into the base (`lora.merge`) and evaluated on the test
-split (`evaluation.evaluate`).
+Shared by every method (`methods.TRAINERS`): `start_run` (config checks, device mesh, base
+model, dataset spec), the optimizer and its schedule, `fit` (the loop: progress, metrics,
+validation, orbax checkpoints, resume) and `Run.test_accuracy` / `Run.finish` (results.json).
+
+Data flow of `python train.py --config configs/fewshot.py` (CLIP-LoRA; Block-LoRA alike): the
+config names a base model (`base.load_base_model`) and a dataset (`data.get_dataset`,
+`data.load_few_shot`); an adapter is initialised (`lora.init`); `make_train_step` builds one
+jitted update with donated state whose loss is the cross-entropy of `logit_scale * cos(image,
+text)` over all class prompts; the final adapter is merged into the base (`lora.merge`) and
+evaluated on the test split (`evaluation.evaluate`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def lora_config_from(config: ml_collections.ConfigDict) -> lora.LoRAConfig:
   """The adapter config of a run config: `config.lora` read by the class of `config.method`
   (LoRAConfig, or a variant such as BlockLoRAConfig); `matrices` may be given as "q,k,v"."""
-  return lora.config_type(config.method).from_dict(config.lora.to_dict())
+  config_class = lora.config_type(config.method)
+  if "lora" not in config:
+    raise UserError(f"config.method={config.method!r} needs a `lora` section; start from "
+                    "configs/fewshot.py or configs/block_lora.py")
+  return config_class.from_dict(config.lora.to_dict())
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:

@@ -133,6 +133,8 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     ("--config.lora.rank=0", "rank must be a positive integer"),
     ("--config.shots=-1", "config.shots=-1"),
     ("--config.lora.matrices=q,x", "lora.matrices"),
+    ("--config.method=llu", "start from configs/llu.py"),
+    ("--config.method=dora", "config.method='dora': use one of lora, block_lora, llu"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, override, message):
   workdir = str(tmp_path / "run")
