@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip_lora_jax.dropout import dropped_down_projection, sum_input_chunks
 from clip_lora_jax.errors import UserError
 
 Params = Mapping[str, Any]
@@ -111,9 +112,22 @@ def get_config(name: str) -> CLIPConfig:
   return ARCHITECTURES[name]
 
 
+@jax.custom_vjp
 def quick_gelu(x: jax.Array) -> jax.Array:
-  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x). Its backward saves x only."""
   return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _quick_gelu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return quick_gelu(x), x
+
+
+def _quick_gelu_backward(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  s = jax.nn.sigmoid(1.702 * x)
+  return (g * (s + 1.702 * x * s * (1 - s)),)
+
+
+quick_gelu.defvjp(_quick_gelu_forward, _quick_gelu_backward)
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
@@ -128,20 +142,6 @@ class Runtime:
   lora_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
-
-
-def sum_input_chunks(x: jax.Array, rows: int) -> jax.Array:
-  """x of width n * rows -> the sum of its n consecutive chunks of `rows` features.
-
-  `x @ tile(a, (n, 1)) == sum_input_chunks(x, a.shape[0]) @ a`: a down-projection shared by the
-  n input chunks (Block-LoRA's input split) costs additions instead of n products.
-  """
-  width = x.shape[-1]
-  if width == rows:
-    return x
-  if width % rows:
-    raise ValueError(f"a low-rank factor with {rows} rows cannot read {width} input features")
-  return x.reshape(*x.shape[:-1], width // rows, rows).sum(axis=-2)
 
 
 class Dense(nn.Module):
@@ -166,42 +166,81 @@ class Dense(nn.Module):
     if self.has_variable(LORA_COLLECTION, "a"):
       a = self.get_variable(LORA_COLLECTION, "a")
       b = self.get_variable(LORA_COLLECTION, "b")
-      h = nn.Dropout(self.runtime.lora_dropout)(x, deterministic=deterministic)
-      low_rank = jnp.dot(jnp.dot(sum_input_chunks(h, a.shape[0]).astype(dtype), a.astype(dtype)),
-                         b.astype(dtype))
-      y = y + low_rank * self.runtime.lora_scale
+      x, a, rate = x.astype(dtype), a.astype(dtype), self.runtime.lora_dropout
+      if deterministic or rate == 0:
+        down = jnp.dot(sum_input_chunks(x, a.shape[0]), a)
+      else:
+        down = dropped_down_projection(x, a, self.make_rng("dropout"), rate)
+      y = y + jnp.dot(down, b.astype(dtype)) * self.runtime.lora_scale
     return y
 
 
+def _take_rows(x: jax.Array, pool: jax.Array) -> jax.Array:
+  """(B, T, D) -> (B, D): the row `pool[b]` of every sequence b."""
+  return jnp.take_along_axis(x, pool[:, None, None], axis=1)[:, 0]
+
+
+def _single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                            lengths: jax.Array | None) -> jax.Array:
+  """Softmax attention of one query per sequence: q (B, H, D), k and v (B, S, H, D) -> (B, H, D);
+  with `lengths` (B,), sequence b attends to its first lengths[b] positions only.
+
+  Products and sums instead of dots: XLA's CPU backend cannot compile the bf16 batched
+  matrix-vector dots of this shape, and they are a negligible share of the step.
+  """
+  f32 = jnp.float32
+  scores = jnp.sum(q[:, None].astype(f32) * k.astype(f32), axis=-1) / np.sqrt(q.shape[-1])
+  if lengths is not None:
+    positions = jnp.arange(k.shape[1])[None, :, None]
+    scores = jnp.where(positions < lengths[:, None, None], scores, -jnp.inf)
+  weights = jax.nn.softmax(scores, axis=1)
+  return jnp.sum(weights[..., None] * v.astype(f32), axis=1).astype(q.dtype)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with separate q, k, v, o projections (all with bias)."""
+  """Multi-head self-attention with separate q, k, v, o projections (all with bias).
+
+  With `pool` (B,), only the query at position `pool[b]` of each sequence is computed (it still
+  attends to every position, or with `causal` to positions <= pool[b]): output (B, D).
+  """
   heads: int
   causal: bool
   runtime: Runtime
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               pool: jax.Array | None = None) -> jax.Array:
     width = x.shape[-1]
     head_dim = width // self.heads
     project = lambda name, t: Dense(width, runtime=self.runtime, name=name)(t, deterministic)
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, head_dim)
-    q, k, v = (split(project(name, x)) for name in ("q", "k", "v"))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-    return project("o", out.reshape(*x.shape[:-1], width))
+    queries = x if pool is None else _take_rows(x, pool)
+    q = split(project("q", queries))
+    k, v = (split(project(name, x)) for name in ("k", "v"))
+    if pool is None:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+    else:
+      out = _single_query_attention(q, k, v, pool + 1 if self.causal else None)
+    return project("o", out.reshape(*queries.shape[:-1], width))
 
 
 class ResidualBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+  With `pool` (B,), only position `pool[b]` of each sequence comes out: (B, D).
+  """
   heads: int
   mlp_dim: int
   causal: bool
   runtime: Runtime
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               pool: jax.Array | None = None) -> jax.Array:
     rt = self.runtime
     norm = lambda name: nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name=name)
-    x = x + Attention(self.heads, self.causal, rt, name="attn")(norm("ln_1")(x), deterministic)
+    attn = Attention(self.heads, self.causal, rt, name="attn")(norm("ln_1")(x), deterministic, pool)
+    x = (x if pool is None else _take_rows(x, pool)) + attn
     return x + Mlp(self.mlp_dim, rt, name="mlp")(norm("ln_2")(x))
 
 
@@ -217,11 +256,15 @@ class Mlp(nn.Module):
 
 
 def _run_blocks(x: jax.Array, tower: VisionConfig | TextConfig, rt: Runtime, causal: bool,
-                deterministic: bool) -> jax.Array:
-  """Residual blocks `layers_0 .. layers_{L-1}`, created in the calling module's scope."""
+                deterministic: bool, pool: jax.Array) -> jax.Array:
+  """Residual blocks `layers_0 .. layers_{L-1}`, created in the calling module's scope; (B, D)
+  states at the positions `pool` (B,) that the tower pools. The last block computes only those
+  (its keys and values still read every position): the other positions of its output are unused.
+  """
   block = nn.remat(ResidualBlock, static_argnums=(2,)) if rt.remat else ResidualBlock
   for i in range(tower.layers):
-    x = block(tower.heads, tower.mlp_dim, causal, rt, name=f"layers_{i}")(x, deterministic)
+    last = pool if i == tower.layers - 1 else None
+    x = block(tower.heads, tower.mlp_dim, causal, rt, name=f"layers_{i}")(x, deterministic, last)
   return x
 
 
@@ -246,8 +289,9 @@ class VisionTower(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
     x = nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_pre")(x)
-    x = _run_blocks(x, cfg, rt, causal=False, deterministic=deterministic)
-    return nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_post")(x[:, 0])
+    x = _run_blocks(x, cfg, rt, causal=False, deterministic=deterministic,
+                    pool=jnp.zeros(x.shape[0], jnp.int32))
+    return nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_post")(x)
 
 
 class TextTower(nn.Module):
@@ -270,10 +314,9 @@ class TextTower(nn.Module):
     pos = self.param("position_embedding", nn.initializers.normal(0.01),
                      (cfg.context_length, cfg.width))
     x = x + pos[:length].astype(rt.dtype)
-    x = _run_blocks(x, cfg, rt, causal=True, deterministic=deterministic)
-    x = nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_final")(x)
-    end = jnp.argmax(token_ids, axis=-1)
-    return jnp.take_along_axis(x, end[:, None, None], axis=1)[:, 0]
+    x = _run_blocks(x, cfg, rt, causal=True, deterministic=deterministic,
+                    pool=jnp.argmax(token_ids, axis=-1))
+    return nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_final")(x)
 
 
 class CLIP(nn.Module):
