@@ -26,8 +26,8 @@ sequence of n tokens of width d, the forward linear layers cost 24 n d^2 and att
 The base weights are frozen, so a training step costs 2x the linear part (forward + input
 gradients, no weight gradients) plus 3x the attention part, plus the low-rank branch
 (12 n d r per adapted projection: 4 n d r forward, 8 n d r backward). MFU = these FLOPs / step
-time / `--peak-gflops` (default: the dense fp32 matmul peak measured in JAX on the reference
-machine, 2 cores with AVX-512).
+time / the dense 4096^3 matmul throughput that the same child process measures in JAX after its
+steps, at the compute dtype (`--dtype bfloat16`: bf16 compute, fp32 parameters).
 
   python benchmarks/train_step.py --classes 10,100           # the full benchmark (minutes)
   python benchmarks/train_step.py --shape tiny --classes 10 --steps 1 --warmup 1  # smoke check
@@ -83,6 +83,7 @@ class Spec:
   token_ids: list[list[int]]  # (classes, 77), OpenAI layout.
   steps: int
   warmup: int
+  dtype: str  # Compute dtype of ours (parameters stay float32); the peer is always float32.
   # The peer's optimizer, from configs/fewshot.py (ours reads that config itself).
   total_steps: int  # Schedule length (500 x 16 shots), as in a real run.
   learning_rate: float
@@ -153,7 +154,9 @@ def run_ours(spec: Spec) -> dict[str, Any]:
   assert (lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout) == (LORA_RANK, LORA_ALPHA, LORA_DROPOUT)
   config = fewshot.get_config()
   optimizer = training.make_optimizer(config.optimizer, training.total_steps(config))
-  step = training.make_train_step(training.StepConfig(cfg, lora_cfg, logit_scale=100.0), optimizer)
+  step_config = training.StepConfig(cfg, lora_cfg, logit_scale=100.0,
+                                    dtype=training.DTYPES[spec.dtype])
+  step = training.make_train_step(step_config, optimizer)
   adapter = lora.init(jax.random.PRNGKey(0), cfg, lora_cfg)
   keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapter))))
   adapter = jax.tree.map_with_path(
@@ -177,7 +180,23 @@ def run_ours(spec: Spec) -> dict[str, Any]:
   times = time_steps(run_step, spec)
   return {"times": times, "compile_s": compile_s, "text_tokens": int(text.shape[1]),
           "import_rss": import_rss, "trainable": lora.num_parameters(state["lora"]),
+          "peak_gflops": matmul_peak_gflops(jnp.dtype(spec.dtype)),
           "versions": {"jax": jax.__version__}}
+
+
+def matmul_peak_gflops(dtype: Any, n: int = 4096, repeats: int = 5) -> float:
+  """Dense n^3 matmul throughput of JAX in this process at `dtype` (best of `repeats`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = jnp.ones((n, n), dtype)
+  matmul = jax.jit(jnp.dot)
+  jax.block_until_ready(matmul(x, x))
+  best = float("inf")
+  for _ in range(repeats):
+    tick = time.perf_counter()
+    jax.block_until_ready(matmul(x, x))
+    best = min(best, time.perf_counter() - tick)
+  return 2 * n**3 / best / 1e9
 
 
 def run_peer(spec: Spec) -> dict[str, Any]:
@@ -289,26 +308,28 @@ def gib(n: float) -> str:
   return f"{n / 2**30:.2f}"
 
 
-def report(cfg: Any, spec: Spec, results: dict[str, dict[str, Any]], peak_gflops: float) -> None:
+def report(cfg: Any, spec: Spec, results: dict[str, dict[str, Any]]) -> None:
   """Prints one case's table, the ratios against the peer and our model-FLOPs utilisation."""
   label = lambda impl: IMPL_LABELS[impl].format(flags=spec.xla_flags)
-  print(f"\n### batch {spec.batch}, {spec.classes} classes, {spec.shape} "
-        f"(fp32; median of {spec.steps} steps after {spec.warmup} warm-up)\n")
+  print(f"\n### batch {spec.batch}, {spec.classes} classes, {spec.shape} ({spec.dtype} compute "
+        f"for ours; median of {spec.steps} steps after {spec.warmup} warm-up)\n")
   print("| implementation | prompt tokens | s / iteration (min-max) | images / s | compile s | "
-        "peak RSS GiB | of which imports | trained params | model TFLOP | MFU |")
-  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        "peak RSS GiB | of which imports | trained params | model TFLOP | matmul peak GFLOP/s "
+        "| MFU |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for impl, r in results.items():
     if "error" in r:
-      print(f"| {label(impl)} | | {r['error']} | | | | | | | |")
+      print(f"| {label(impl)} | | {r['error']} | | | | | | | | |")
       continue
     median = statistics.median(r["times"])
     compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
     flops = train_step_flops(cfg, spec.batch, spec.classes, r["text_tokens"])
-    mfu = "-" if impl == "peer" else f"{flops / median / (peak_gflops * 1e9):.0%}"
+    peak = r.get("peak_gflops")
+    mfu = "-" if peak is None else f"{flops / median / (peak * 1e9):.0%}"
     print(f"| {label(impl)} | {r['text_tokens']} | {median:.3g} ({min(r['times']):.3g}-"
           f"{max(r['times']):.3g}) | {spec.batch / median:.1f} | {compile_s} | "
           f"{gib(r['peak_rss'])} | {gib(r['import_rss'])} | {r['trainable']:,} | "
-          f"{flops / 1e12:.3g} | {mfu} |")
+          f"{flops / 1e12:.3g} | {'-' if peak is None else f'{peak:.0f}'} | {mfu} |")
   ok = {k: v for k, v in results.items() if "error" not in v}
   if "peer" in ok and len(ok) > 1:
     peer = ok.pop("peer")
@@ -318,8 +339,9 @@ def report(cfg: Any, spec: Spec, results: dict[str, dict[str, Any]], peak_gflops
       speed = statistics.median(peer["times"]) / statistics.median(r["times"])
       print(f"| {label(impl)} | {speed:.2f}x | {r['peak_rss'] / peer['peak_rss']:.2f} |")
   print("\nModel TFLOP: the work of the step at that row's prompt length (reference.md section 5; "
-        "the peer executes more than its row says, through the dense B @ A). "
-        f"MFU against {peak_gflops:g} GFLOP/s.")
+        "the peer executes more than its row says, through the dense B @ A; ours skips the last "
+        "blocks' unpooled positions, 7% of it). MFU: model FLOPs / s over the 4096^3 matmul peak "
+        "measured in the same process, at the compute dtype.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -337,8 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--ours-xla-flags", default="",
                  help="if given, one more row: ours (trimmed) with these flags added to XLA_FLAGS, "
                       "e.g. --xla_cpu_experimental_ynn_fusion_type=")
-  p.add_argument("--peak-gflops", type=float, default=283.0,
-                 help="dense fp32 matmul peak of this machine in JAX, for the MFU column")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype of ours (parameters stay float32)")
   p.add_argument("--child", choices=tuple(IMPL_LABELS), help=argparse.SUPPRESS)
   p.add_argument("--spec", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -378,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                 hf_config=checkpoints.config_to_hf(cfg), image_size=cfg.vision.image_size,
                 batch=args.batch, classes=classes,
                 token_ids=tokenizer([TEMPLATE.format(n) for n in names]).tolist(),
-                steps=args.steps, warmup=args.warmup,
+                steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                 total_steps=training.total_steps(config),
                 learning_rate=config.optimizer.learning_rate,
                 min_learning_rate=config.optimizer.min_learning_rate,
@@ -387,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     for impl in impls:
       print(f"running {impl}, {classes} classes ...", file=sys.stderr)
       results[impl] = run_child(impl, spec)
-    report(cfg, spec, results, args.peak_gflops)
+    report(cfg, spec, results)
     sys.stdout.flush()
   versions = {k: v for r in results.values() for k, v in r.get("versions", {}).items()}
   print(f"\nversions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}")
