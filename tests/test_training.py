@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_lora_jax import lora, model, training
+from clip_lora_jax import lora, methods, model, training
 from configs import fewshot
 from clip_lora_jax.errors import UserError
 
@@ -96,7 +96,7 @@ def test_train_steps_lower_the_loss_and_are_deterministic(encoders):
 
 @pytest.mark.parametrize("key,value,message", [
     ("shots", 0, "shots"), ("batch_size", -1, "batch_size"), ("dtype", "float16", "dtype"),
-    ("template", "a photo", "template"), ("method", "coop", "method"),
+    ("template", "a photo", "template"),
 ])
 def test_bad_run_config_is_a_user_error(key, value, message):
   config = fewshot.get_config()
@@ -105,15 +105,24 @@ def test_bad_run_config_is_a_user_error(key, value, message):
     training.validate(config)
 
 
+def test_unknown_method_is_a_user_error():
+  config = fewshot.get_config()
+  config.method = "coop"
+  with pytest.raises(UserError, match="config.method='coop': use one of lora, block_lora, llu"):
+    methods.train_and_evaluate(config, "/nonexistent/never-written")
+  with pytest.raises(UserError, match="no weight-space adapter"):
+    training.lora_config_from(config)
+
+
 def test_bad_lora_section_is_a_user_error():
   config = fewshot.get_config()
   config.lora.rank = 0
   with pytest.raises(UserError, match="rank"):
-    training.validate(config)
+    training.lora_config_from(config)
   config = fewshot.get_config()
   config.lora.layers = "sideways"
   with pytest.raises(UserError, match="layers"):
-    training.validate(config)
+    training.lora_config_from(config)
 
 
 def test_config_argument_reaches_every_dataset_shot_and_seed():
