@@ -36,7 +36,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=wrong-import-position
-from benchmarks.train_step import TEMPLATE, class_names, gib, peak_rss_bytes, time_steps
+from benchmarks.train_step import (TEMPLATE, class_names, gib, lora_step_and_state,
+                                    peak_rss_bytes, time_steps)
 from clip_lora_jax import xla_flags  # (no JAX import)
 
 METHODS = {
@@ -45,7 +46,6 @@ METHODS = {
     "block_lora_rank": ("Block-LoRA, rank split (2 blocks)", {"split": "rank", "blocks": 2}),
     "llu": ("LLU (on cached embeddings)", {}),
 }
-B_STD = 0.01  # Small random B: the low-rank branch is exercised, not multiplied by 0.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,23 +67,15 @@ def run_weight_adapter(spec: Spec) -> dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from clip_lora_jax import block_lora, lora, model, training  # pylint: disable=import-outside-toplevel
-  from configs import fewshot  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax import block_lora, lora, model, training
 
   cfg = model.get_config(spec.shape)
   params = model.init_params(jax.random.key(0), cfg)
   options = METHODS[spec.impl][1]
   lora_cfg = block_lora.BlockLoRAConfig(**options) if options else lora.LoRAConfig()
-  config = fewshot.get_config()
-  optimizer = training.make_optimizer(config.optimizer, training.total_steps(config))
-  step = training.make_train_step(training.StepConfig(cfg, lora_cfg), optimizer)
-  adapter = lora.init(jax.random.PRNGKey(0), cfg, lora_cfg)
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapter))))
-  adapter = jax.tree.map_with_path(
-      lambda path, x: B_STD * jax.random.normal(next(keys), x.shape)
-      if path[-1].key == "b" else x, adapter)
-  state = training.init_state(0, adapter, optimizer)
-  text = jnp.asarray(model.trim_token_ids(np.asarray(spec.token_ids, np.int32)))
+  step, state = lora_step_and_state(cfg, lora_cfg)
+  text = jnp.asarray(training.trim_class_prompts(np.asarray(spec.token_ids, np.int32)))
   rng = np.random.default_rng(0)
   size = cfg.vision.image_size
   images = jnp.asarray(rng.standard_normal((spec.batch, size, size, 3), np.float32))
@@ -111,7 +103,8 @@ def run_llu(spec: Spec) -> dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from clip_lora_jax import features, llu, lora, model, training  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax import features, llu, lora, model, training
   from configs import llu as llu_configs  # pylint: disable=import-outside-toplevel
 
   cfg = model.get_config(spec.shape)

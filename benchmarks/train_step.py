@@ -7,8 +7,8 @@ loss = cross-entropy of 100 * cos(image, text), AdamW (lr 2e-4, weight decay 1e-
 schedule. Images are synthetic and the same every step: the input pipeline is not measured.
 
 * ours: `training.make_train_step` (one jitted step with donated state), prompts cut by
-  `model.trim_token_ids` (exact: causal text tower pooled at the end token); also run with the
-  untrimmed 77-token prompts to show what the trimming buys.
+  `training.trim_class_prompts` (exact: causal text tower pooled at the end token); also run
+  with the untrimmed 77-token prompts to show what the trimming buys.
 * peer: `transformers.CLIPModel` in torch (fp32, 2 threads) whose q/k/v projections behave as the
   reference's LoRA layers: frozen base weight and bias, A (r x in, kaiming-uniform a=sqrt(5)),
   B (out x r), dropout on the branch input, and the branch applied through the dense product,
@@ -137,6 +137,27 @@ def time_steps(run_step: Callable[[], None], spec: Spec) -> list[float]:
   return times
 
 
+def lora_step_and_state(cfg: Any, lora_cfg: Any, dtype: str = "float32") -> tuple[Any, Any]:
+  """`training.make_train_step` as `train.py` builds it (the recipe's optimizer and schedule) for
+  base architecture `cfg` and adapter config `lora_cfg`, and a state whose B is small random."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from clip_lora_jax import lora, training  # pylint: disable=import-outside-toplevel
+  from configs import fewshot  # pylint: disable=import-outside-toplevel
+
+  config = fewshot.get_config()
+  optimizer = training.make_optimizer(config.optimizer, training.total_steps(config))
+  step_config = training.StepConfig(cfg, lora_cfg, logit_scale=100.0,
+                                    dtype=training.DTYPES[dtype])
+  adapter = lora.init(jax.random.PRNGKey(0), cfg, lora_cfg)
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapter))))
+  adapter = jax.tree.map_with_path(
+      lambda path, x: B_INIT_STD * jax.random.normal(next(keys), x.shape)
+      if path[-1].key == "b" else x, adapter)
+  return (training.make_train_step(step_config, optimizer),
+          training.init_state(0, adapter, optimizer))
+
+
 def run_ours(spec: Spec) -> dict[str, Any]:
   """Times `training.make_train_step` as `train.py` builds it; prompts trimmed unless ours77;
   `ours_xla` is `ours` run with `spec.xla_flags` added to XLA_FLAGS."""
@@ -145,27 +166,16 @@ def run_ours(spec: Spec) -> dict[str, Any]:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from clip_lora_jax import lora, model, training  # pylint: disable=import-outside-toplevel
-  from configs import fewshot  # pylint: disable=import-outside-toplevel
 
   import_rss = peak_rss_bytes()
   cfg = model.get_config(spec.shape)
   params = model.init_params(jax.random.key(0), cfg)
   lora_cfg = lora.LoRAConfig()  # The reference defaults: the peer's constants above.
   assert (lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout) == (LORA_RANK, LORA_ALPHA, LORA_DROPOUT)
-  config = fewshot.get_config()
-  optimizer = training.make_optimizer(config.optimizer, training.total_steps(config))
-  step_config = training.StepConfig(cfg, lora_cfg, logit_scale=100.0,
-                                    dtype=training.DTYPES[spec.dtype])
-  step = training.make_train_step(step_config, optimizer)
-  adapter = lora.init(jax.random.PRNGKey(0), cfg, lora_cfg)
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapter))))
-  adapter = jax.tree.map_with_path(
-      lambda path, x: B_INIT_STD * jax.random.normal(next(keys), x.shape)
-      if path[-1].key == "b" else x, adapter)
-  state = training.init_state(0, adapter, optimizer)
+  step, state = lora_step_and_state(cfg, lora_cfg, spec.dtype)
 
   ids = np.asarray(spec.token_ids, np.int32)
-  text = jnp.asarray(ids if spec.impl == "ours77" else model.trim_token_ids(ids))
+  text = jnp.asarray(ids if spec.impl == "ours77" else training.trim_class_prompts(ids))
   images, labels = (jnp.asarray(x) for x in images_and_labels(spec))
 
   tick = time.perf_counter()

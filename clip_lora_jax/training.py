@@ -153,7 +153,13 @@ def init_state(seed: int, lora_params: model.Params,
 
 def class_prompt_ids(base: base_lib.BaseModel, class_names, template: str) -> np.ndarray:
   """Token ids of `template.format(name)` for every class, cut to the shortest exact context."""
-  return model.trim_token_ids(base.tokenizer([template.format(n) for n in class_names]))
+  return trim_class_prompts(base.tokenizer([template.format(n) for n in class_names]))
+
+
+def trim_class_prompts(token_ids: np.ndarray) -> np.ndarray:
+  """Class prompt ids cut to exactly the longest prompt (no rounding up): a run's prompts are
+  fixed, so the exact length costs one compilation and no padded text work."""
+  return model.trim_token_ids(token_ids, multiple=1)
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
