@@ -67,15 +67,13 @@ def run_weight_adapter(spec: Spec) -> dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  # pylint: disable=import-outside-toplevel
-  from clip_lora_jax import block_lora, lora, model, training
+  from clip_lora_jax import block_lora, lora, model  # pylint: disable=import-outside-toplevel
 
   cfg = model.get_config(spec.shape)
   params = model.init_params(jax.random.key(0), cfg)
   options = METHODS[spec.impl][1]
   lora_cfg = block_lora.BlockLoRAConfig(**options) if options else lora.LoRAConfig()
-  step, state = lora_step_and_state(cfg, lora_cfg)
-  text = jnp.asarray(training.trim_class_prompts(np.asarray(spec.token_ids, np.int32)))
+  step, state, text, _ = lora_step_and_state(cfg, lora_cfg, spec.token_ids)
   rng = np.random.default_rng(0)
   size = cfg.vision.image_size
   images = jnp.asarray(rng.standard_normal((spec.batch, size, size, 3), np.float32))

@@ -7,8 +7,9 @@ loss = cross-entropy of 100 * cos(image, text), AdamW (lr 2e-4, weight decay 1e-
 schedule. Images are synthetic and the same every step: the input pipeline is not measured.
 
 * ours: `training.make_train_step` (one jitted step with donated state), prompts cut by
-  `training.trim_class_prompts` (exact: causal text tower pooled at the end token); also run
-  with the untrimmed 77-token prompts to show what the trimming buys.
+  `training.group_prompts` as train.py does (exact: causal text tower pooled at the end token;
+  beyond 250 classes sorted by length into groups, each cut to its own longest prompt); also
+  run with the untrimmed 77-token prompts to show what the trimming buys.
 * peer: `transformers.CLIPModel` in torch (fp32, 2 threads) whose q/k/v projections behave as the
   reference's LoRA layers: frozen base weight and bias, A (r x in, kaiming-uniform a=sqrt(5)),
   B (out x r), dropout on the branch input, and the branch applied through the dense product,
@@ -137,25 +138,34 @@ def time_steps(run_step: Callable[[], None], spec: Spec) -> list[float]:
   return times
 
 
-def lora_step_and_state(cfg: Any, lora_cfg: Any, dtype: str = "float32") -> tuple[Any, Any]:
-  """`training.make_train_step` as `train.py` builds it (the recipe's optimizer and schedule) for
-  base architecture `cfg` and adapter config `lora_cfg`, and a state whose B is small random."""
+def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "float32",
+                        untrimmed: bool = False) -> tuple[Any, Any, Any, list[list[int]]]:
+  """`training.make_train_step` as `train.py` builds it (the recipe's optimizer and schedule,
+  the class prompts grouped by length and trimmed, unless `untrimmed`) for base architecture
+  `cfg` and adapter config `lora_cfg`; a state whose B is small random; the step's `text`; and
+  its prompt groups as [[prompts, tokens], ...]."""
   import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
 
   from clip_lora_jax import lora, training  # pylint: disable=import-outside-toplevel
   from configs import fewshot  # pylint: disable=import-outside-toplevel
 
   config = fewshot.get_config()
   optimizer = training.make_optimizer(config.optimizer, training.total_steps(config))
+  ids = np.asarray(token_ids, np.int32)
+  groups, rows = ((ids,), None) if untrimmed else training.group_prompts(
+      ids, training.prompt_groups_for(len(ids)))
   step_config = training.StepConfig(cfg, lora_cfg, logit_scale=100.0,
-                                    dtype=training.DTYPES[dtype])
+                                    dtype=training.DTYPES[dtype], class_rows=rows)
   adapter = lora.init(jax.random.PRNGKey(0), cfg, lora_cfg)
   keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapter))))
   adapter = jax.tree.map_with_path(
       lambda path, x: B_INIT_STD * jax.random.normal(next(keys), x.shape)
       if path[-1].key == "b" else x, adapter)
   return (training.make_train_step(step_config, optimizer),
-          training.init_state(0, adapter, optimizer))
+          training.init_state(0, adapter, optimizer), tuple(jnp.asarray(g) for g in groups),
+          [list(g.shape) for g in groups])
 
 
 def run_ours(spec: Spec) -> dict[str, Any]:
@@ -163,19 +173,17 @@ def run_ours(spec: Spec) -> dict[str, Any]:
   `ours_xla` is `ours` run with `spec.xla_flags` added to XLA_FLAGS."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from clip_lora_jax import lora, model, training  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax import lora, model  # pylint: disable=import-outside-toplevel
 
   import_rss = peak_rss_bytes()
   cfg = model.get_config(spec.shape)
   params = model.init_params(jax.random.key(0), cfg)
   lora_cfg = lora.LoRAConfig()  # The reference defaults: the peer's constants above.
   assert (lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout) == (LORA_RANK, LORA_ALPHA, LORA_DROPOUT)
-  step, state = lora_step_and_state(cfg, lora_cfg, spec.dtype)
+  step, state, text, text_groups = lora_step_and_state(cfg, lora_cfg, spec.token_ids, spec.dtype,
+                                                       untrimmed=spec.impl == "ours77")
 
-  ids = np.asarray(spec.token_ids, np.int32)
-  text = jnp.asarray(ids if spec.impl == "ours77" else training.trim_class_prompts(ids))
   images, labels = (jnp.asarray(x) for x in images_and_labels(spec))
 
   tick = time.perf_counter()
@@ -188,7 +196,7 @@ def run_ours(spec: Spec) -> dict[str, Any]:
     jax.block_until_ready((state, metrics))
 
   times = time_steps(run_step, spec)
-  return {"times": times, "compile_s": compile_s, "text_tokens": int(text.shape[1]),
+  return {"times": times, "compile_s": compile_s, "text_groups": text_groups,
           "import_rss": import_rss, "trainable": lora.num_parameters(state["lora"]),
           "peak_gflops": matmul_peak_gflops(jnp.dtype(spec.dtype)),
           "versions": {"jax": jax.__version__}}
@@ -269,7 +277,7 @@ def run_peer(spec: Spec) -> dict[str, Any]:
     scheduler.step()
 
   times = time_steps(run_step, spec)
-  return {"times": times, "compile_s": None, "text_tokens": int(token_ids.shape[1]),
+  return {"times": times, "compile_s": None, "text_groups": [list(token_ids.shape)],
           "import_rss": import_rss, "trainable": sum(p.numel() for p in trainable),
           "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
@@ -283,13 +291,14 @@ def child_main(impl: str, spec_path: str) -> None:
   print("RESULT " + json.dumps(result))
 
 
-def train_step_flops(cfg: Any, batch: int, classes: int, text_tokens: int) -> float:
+def train_step_flops(cfg: Any, batch: int, text_groups: list[list[int]]) -> float:
   """Model FLOPs of one step (see the module docstring); `cfg` is a `model.CLIPConfig`."""
   def tower(n: int, d: int, layers: int, sequences: int) -> float:
     block = 2 * 24 * n * d * d + 3 * 4 * n * n * d + 3 * 12 * n * d * LORA_RANK
     return float(block) * layers * sequences
   return (tower(cfg.vision.num_positions, cfg.vision.width, cfg.vision.layers, batch)
-          + tower(text_tokens, cfg.text.width, cfg.text.layers, classes))
+          + sum(tower(tokens, cfg.text.width, cfg.text.layers, prompts)
+                for prompts, tokens in text_groups))
 
 
 def run_child(impl: str, spec: Spec) -> dict[str, Any]:
@@ -333,10 +342,11 @@ def report(cfg: Any, spec: Spec, results: dict[str, dict[str, Any]]) -> None:
       continue
     median = statistics.median(r["times"])
     compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
-    flops = train_step_flops(cfg, spec.batch, spec.classes, r["text_tokens"])
+    flops = train_step_flops(cfg, spec.batch, r["text_groups"])
     peak = r.get("peak_gflops")
     mfu = "-" if peak is None else f"{flops / median / (peak * 1e9):.0%}"
-    print(f"| {label(impl)} | {r['text_tokens']} | {median:.3g} ({min(r['times']):.3g}-"
+    tokens = "/".join(str(t) for _, t in r["text_groups"])
+    print(f"| {label(impl)} | {tokens} | {median:.3g} ({min(r['times']):.3g}-"
           f"{max(r['times']):.3g}) | {spec.batch / median:.1f} | {compile_s} | "
           f"{gib(r['peak_rss'])} | {gib(r['import_rss'])} | {r['trainable']:,} | "
           f"{flops / 1e12:.3g} | {'-' if peak is None else f'{peak:.0f}'} | {mfu} |")

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -152,3 +153,36 @@ def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32():
     losses[name] = float(m["loss"])
   # bf16 keeps 8 bits of mantissa: the loss (logit scale 100) agrees to about 2%.
   assert losses["bf16"] == pytest.approx(losses["f32"], rel=0.02)
+
+
+def test_grouped_prompts_give_the_ungrouped_loss_and_gradients():
+  """Prompts sorted into groups of their own lengths (group_prompts) = one padded batch."""
+  base = model.init_params(jax.random.key(0), TINY)
+  lora_config = lora.LoRAConfig(rank=2, dropout=0.0)
+  ends = np.array([3, 7, 2, 5, 4, 6, 3])
+  ids = np.zeros((7, 12), np.int32)
+  ids[:, 0], ids[:, 1:11] = 49406, 320
+  for row, end in enumerate(ends):
+    ids[row, end], ids[row, end + 1:] = 49407, 0
+  groups, rows = training.group_prompts(ids, 3, pad_multiple=2)
+  assert [g.shape for g in groups] == [(4, 4), (2, 6), (2, 8)]  # 3 / 2 / 2 prompts, padded
+  for g in groups:
+    assert (np.argmax(g, -1) == g.shape[1] - 1).any()  # each cut to its own longest prompt
+  optimizer = optax.sgd(1.0)  # the new adapter is the old one minus the gradient
+  adapter = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.PRNGKey(0), TINY, lora_config))
+  state = training.init_state(0, adapter, optimizer)
+  images, labels = separable_batch(np.random.default_rng(0), 8, 7)
+
+  def one_step(step_config, text):
+    step = training.make_train_step(step_config, optimizer)
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), base, images, labels, text)
+    return new_state["lora"], float(metrics["loss"])
+
+  plain = one_step(training.StepConfig(TINY, lora_config), jnp.asarray(ids))
+  grouped = one_step(training.StepConfig(TINY, lora_config, class_rows=rows),
+                     tuple(jnp.asarray(g) for g in groups))
+  assert grouped[1] == pytest.approx(plain[1], rel=1e-6)
+  for x, y, a in zip(jax.tree.leaves(grouped[0]), jax.tree.leaves(plain[0]),
+                     jax.tree.leaves(adapter)):
+    np.testing.assert_allclose(x - a, y - a, rtol=1e-4, atol=1e-6)  # the gradients
+  assert training.prompt_groups_for(10) == 1 and training.prompt_groups_for(1000) == 4

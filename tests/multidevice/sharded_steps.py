@@ -19,15 +19,18 @@ def run(mesh, fsdp: bool, steps: int = 4):
   opt_config = fewshot.get_config().optimizer
   opt_config.learning_rate = 1e-2
   optimizer = training.make_optimizer(opt_config, steps)
-  ids = np.zeros((5, 8), np.int32)
-  ids[:, 0], ids[:, 1], ids[:, 2], ids[:, 3] = 49406, [320, 1125, 539, 2368, 269], 269, 49407
-  step_config = training.StepConfig(config, lora_config, num_classes=5)
+  ids = np.zeros((5, 8), np.int32)  # prompts of 3 to 6 tokens
+  ids[:, 0], ids[:, 1:6] = 49406, 269
+  for row, end in enumerate((3, 5, 2, 4, 3)):
+    ids[row, end], ids[row, end + 1:] = 49407, 0
+  groups, rows = training.group_prompts(ids, 2, mesh.size)  # 2 groups, 3 and 2 prompts
+  step_config = training.StepConfig(config, lora_config, class_rows=rows)
   step = training.make_train_step(step_config, optimizer, mesh)
   state = sharding.put_replicated(
       training.init_state(0, lora.init(jax.random.PRNGKey(0), config, lora_config), optimizer),
       mesh)
   params = jax.device_put(params, sharding.params_sharding(params, mesh, fsdp))
-  text = jax.device_put(sharding.pad_to_multiple(ids, mesh.size), sharding.batch_sharding(mesh))
+  text = tuple(jax.device_put(g, sharding.batch_sharding(mesh)) for g in groups)
   rng = np.random.default_rng(0)
   for _ in range(steps):
     batch = sharding.global_batch(mesh, {
