@@ -27,10 +27,14 @@ def train_cmd(workdir: str, *overrides: str, config_arg: str = "") -> list[str]:
 
 
 def load_eval_module():
-  spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """eval.py as a module, loaded once per process (it defines absl flags, which may not be
+  defined twice)."""
+  if "eval_cli" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["eval_cli"] = module
+  return sys.modules["eval_cli"]
 
 
 def read_adapter(workdir: str) -> lora.Adapter:
