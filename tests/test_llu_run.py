@@ -1,9 +1,9 @@
-"""LLU through the shared pipeline: train.py, feature cache, resuming, adapter files, eval.py."""
+"""LLU through the shared pipeline: methods dispatch, feature cache, resuming, adapter files,
+eval.py."""
 
 import json
 import os
 import shutil
-import subprocess
 
 import jax
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 from clip_lora_jax import data, features, llu, methods, model, sharding, training
 from clip_lora_jax.errors import UserError
 from configs import runlocal
-from tests.test_train_e2e import ENV, ROOT, load_eval_module, train_cmd
+from tests.test_train_e2e import load_eval_module
 
 
 def config_for(tmp_path, **overrides):
@@ -24,41 +24,31 @@ def config_for(tmp_path, **overrides):
   return config
 
 
-def test_train_py_runs_llu_and_eval_py_reads_its_adapter(tmp_path):
-  workdir = str(tmp_path / "run")
-  out = subprocess.run(train_cmd(workdir, "--config.eval_every=20",
-                                 f"--config.cache_dir={tmp_path / 'cache'}",
-                                 config_arg=":method=llu"),
-                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  results = json.load(open(os.path.join(workdir, "results.json")))
+def test_llu_trains_resumes_and_eval_py_reads_its_adapter(tmp_path):
+  config = config_for(tmp_path, eval_every=20, checkpoint_every=20)
+  whole = str(tmp_path / "whole")
+  results = methods.train_and_evaluate(config, whole)  # as train.py calls it
   assert results["method"] == "llu" and results["steps"] == 40
   assert results["trainable_parameters"] == 2 * (32 * 32 + 32)  # W and b of both modalities
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [json.loads(line) for line in open(os.path.join(whole, "metrics.jsonl"))]
   assert [r["step"] for r in records if "val/top1" in r] == [20]
   assert [r["step"] for r in records if "train/loss" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
 
-  adapter = methods.load_adapter(os.path.join(workdir, "adapter.safetensors"))
+  adapter = methods.load_adapter(os.path.join(whole, "adapter.safetensors"))
   assert isinstance(adapter, llu.Adapter) and adapter.config == llu.LLUConfig()
   assert np.abs(adapter.params["image"]["w"] - np.eye(32)).max() > 1e-3  # it trained
   assert set(adapter.anchors) == {"image", "text"} and adapter.anchors["text"].shape == (10, 32)
-  config = config_for(tmp_path)
-  evaluated = load_eval_module().evaluate(config, os.path.join(workdir, "adapter.safetensors"),
+  evaluated = load_eval_module().evaluate(config, os.path.join(whole, "adapter.safetensors"),
                                           "test", "auto")
   assert evaluated["top1"] == pytest.approx(results["test_top1"])
   assert evaluated["count"] == results["test_count"]
 
-
-def test_a_resumed_run_ends_with_the_uninterrupted_adapter(tmp_path):
-  config = config_for(tmp_path, checkpoint_every=20)
-  whole = str(tmp_path / "whole")
-  results = llu.train_and_evaluate(config, whole)
   resumed = str(tmp_path / "resumed")  # as if killed after the step-20 checkpoint
   shutil.copytree(os.path.join(whole, "checkpoints", "20"),
                   os.path.join(resumed, "checkpoints", "20"))
   assert llu.train_and_evaluate(config, resumed) == results
-  a, b = (llu.load_adapter(os.path.join(w, "adapter.safetensors")) for w in (whole, resumed))
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+  again = llu.load_adapter(os.path.join(resumed, "adapter.safetensors"))
+  for x, y in zip(jax.tree.leaves(again.params), jax.tree.leaves(adapter.params)):
     np.testing.assert_array_equal(x, y)
   assert len(os.listdir(tmp_path / "cache" / "features")) == 1  # computed once, then reused
 
