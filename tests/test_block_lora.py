@@ -59,14 +59,18 @@ def embeddings(params, adapter=None, config=None):
           model.encode_texts(params, IDS, TINY, **kwargs))
 
 
+# Compiled, for the comparisons with tolerances (the bitwise ones run `embeddings` as is).
+compiled_embeddings = jax.jit(embeddings, static_argnames="config")
+
+
 @pytest.mark.parametrize("split", SPLITS, ids=["input", "rank"])
 def test_low_rank_path_merge_and_dense_reference_agree(params, split):
   config = block_lora.BlockLoRAConfig(**split)
   adapter = trained(config)
-  ours = embeddings(params, adapter, config)
-  merged = embeddings(lora.merge(params, adapter, config))
-  dense = embeddings(dense_reference(params, adapter, config))
-  base = embeddings(params)
+  ours = compiled_embeddings(params, adapter, config=config)
+  merged = compiled_embeddings(lora.merge(params, adapter, config))
+  dense = compiled_embeddings(dense_reference(params, adapter, config))
+  base = compiled_embeddings(params)
   for o, m, d, b in zip(ours, merged, dense, base):
     assert np.abs(np.asarray(o - b)).max() > 1e-2  # the adapter does change the model
     np.testing.assert_allclose(o, m, atol=1e-5)
@@ -88,8 +92,9 @@ def test_gradients_equal_those_of_the_dense_block_reference(params, split):
       return jnp.sum((images - target) ** 2) + jnp.sum(jnp.sin(texts))
     return f
 
-  ours = jax.grad(loss(lambda ad: embeddings(params, ad, config)))(adapter)
-  dense = jax.grad(loss(lambda ad: embeddings(dense_reference(params, ad, config))))(adapter)
+  ours = jax.grad(loss(lambda ad: compiled_embeddings(params, ad, config=config)))(adapter)
+  dense = jax.grad(loss(lambda ad: compiled_embeddings(dense_reference(params, ad, config))))(
+      adapter)
   for (path, g), d in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(dense)):
     assert np.abs(np.asarray(g)).max() > 0, path
     np.testing.assert_allclose(g, d, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(d)).max(),
