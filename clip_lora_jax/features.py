@@ -70,7 +70,7 @@ def few_shot_features(params: model.Params, config: model.CLIPConfig, fingerprin
   if os.path.exists(path):
     with np.load(path) as cached:
       return dict(cached)
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  hosts = sharding.process_rows()
   size = config.vision.image_size
   embed = functools.partial(embed_batches, params, config, mesh=mesh)
   out = {}

@@ -44,13 +44,15 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
     safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
 
 
-def read_safetensors(path: str, what: str = "adapter") -> tuple[dict[str, np.ndarray],
-                                                                 dict[str, str]]:
-  """(tensors, metadata) of a safetensors file; a UserError if it is missing or unreadable."""
+def read_safetensors(path: str, what: str = "adapter", tensors: bool = True
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, metadata) of a safetensors file ({} for the tensors when `tensors` is False: only
+  the header is read); a UserError if it is missing or unreadable."""
   if not os.path.isfile(path):
     raise UserError(f"{what} file {path!r} does not exist")
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
-      return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+      return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {},
+              dict(f.metadata() or {}))
   except Exception as e:  # safetensors raises its own error types for corrupt files
     raise UserError(f"{path!r} is not a readable safetensors {what} file: {e}") from e

@@ -39,6 +39,7 @@ LAYER_SETS_12 = {
     "half-bottom": tuple(range(6)), "half-up": tuple(range(6, 12)), "top": (11,),
     "top3": (9, 10, 11),
 }
+FORMAT = "clip_lora_jax.lora/1"  # Adapter files of LoRA and its variants.
 # Method name -> its adapter config class; subclasses of LoRAConfig register themselves here.
 ADAPTER_TYPES: dict[str, type["LoRAConfig"]] = {}
 
@@ -241,7 +242,7 @@ def save_adapter(path: str, adapter: Adapter) -> None:
 
   Written to a temporary file in the same directory, then renamed: never half-written.
   """
-  metadata = {"format": "clip_lora_jax.lora/1", "method": adapter.config.method,
+  metadata = {"format": FORMAT, "method": adapter.config.method,
               "lora_config": json.dumps(adapter.config.to_dict()),
               **base_metadata(adapter.base_name, adapter.base_config, adapter.base_fingerprint)}
   flat = {k: np.asarray(v, np.float32)
@@ -252,7 +253,7 @@ def save_adapter(path: str, adapter: Adapter) -> None:
 def load_adapter(path: str) -> Adapter:
   """Reads an adapter file written by `save_adapter`, checking its shapes against its config."""
   flat, metadata = files.read_safetensors(path)
-  if metadata.get("format") != "clip_lora_jax.lora/1":
+  if metadata.get("format") != FORMAT:
     raise UserError(f"{path!r} is not a clip_lora_jax adapter file (no adapter metadata)")
   config_class = config_type(metadata.get("method", LoRAConfig.method))
   config = config_class.from_dict(json.loads(metadata["lora_config"]))

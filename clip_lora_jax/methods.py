@@ -22,7 +22,7 @@ TRAINERS: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] 
 }
 # Adapter file format -> its reader.
 ADAPTER_READERS: dict[str, Callable[[str], Any]] = {
-    "clip_lora_jax.lora/1": lora.load_adapter,
+    lora.FORMAT: lora.load_adapter,
     llu.FORMAT: llu.load_adapter,
 }
 
@@ -36,7 +36,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def load_adapter(path: str) -> lora.Adapter | llu.Adapter:
   """Any method's adapter file, read by the reader of its format."""
-  _, metadata = files.read_safetensors(path)
+  _, metadata = files.read_safetensors(path, tensors=False)
   reader = ADAPTER_READERS.get(metadata.get("format", ""))
   if reader is None:
     raise UserError(f"{path!r} is not a clip_lora_jax adapter file (format "

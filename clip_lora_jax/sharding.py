@@ -84,6 +84,11 @@ def params_sharding(params: Any, mesh: Mesh, fsdp: bool = False) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), params)
 
 
+def process_rows() -> dict[str, int]:
+  """This process's place among the processes, as the data pipelines take it."""
+  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def check_divisible(batch_size: int, mesh: Mesh) -> None:
   """The global batch must split evenly over devices and processes."""
   devices = mesh.shape[DATA_AXIS]

@@ -286,11 +286,6 @@ class Run:
     """Process 0: the one that writes files."""
     return jax.process_index() == 0
 
-  @property
-  def hosts(self) -> dict[str, int]:
-    """This process's place among the processes, for the data pipelines."""
-    return dict(process_index=jax.process_index(), process_count=jax.process_count())
-
   def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of a batch -> the global batch, sharded over the mesh."""
     return sharding.global_batch(self.mesh, batch)
@@ -302,7 +297,8 @@ class Run:
     return evaluation.evaluate(
         logits_fn,
         data.eval_batches(self.spec, "test", batch_size=c.eval_batch_size,
-                          image_size=self.base.config.vision.image_size, **split, **self.hosts),
+                          image_size=self.base.config.vision.image_size, **split,
+                          **sharding.process_rows()),
         total=data.num_examples(self.spec, "test", **split), place=self.place,
         progress=c.progress and self.lead)
 
@@ -360,7 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = restore_or(manager, state)
     train_step = make_train_step(step_config, optimizer, mesh)
     batches = data.train_batches(few_shot, batch_size=config.batch_size, image_size=image_size,
-                                 seed=config.seed, start_step=int(state["step"]), **run.hosts)
+                                 seed=config.seed, start_step=int(state["step"]),
+                                 **sharding.process_rows())
     logits_fn = lambda state: evaluation.adapter_logits_fn(
         base.config, params, state["lora"], lora_config, prompt_ids)
 
@@ -371,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def validation(state: State) -> dict[str, float]:
       return evaluation.evaluate(
           logits_fn(state), data.few_shot_eval_batches(few_shot, "val", config.eval_batch_size,
-                                                       image_size, **run.hosts),
+                                                       image_size, **sharding.process_rows()),
           place=run.place, progress=False)
 
     with metrics.MetricWriter(workdir, enabled=run.lead) as writer:
