@@ -18,6 +18,7 @@ The base parameters and the low-rank pairs are two separate pytrees: see `clip_l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -364,10 +365,14 @@ def cosine_logits(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array | 
 
 
 def init_params(rng: jax.Array, config: CLIPConfig) -> Params:
-  """Random base parameters for `config` (for tests and benchmarks; real runs load weights)."""
+  """Random base parameters for `config` (for tests and benchmarks; real runs load weights).
+
+  Jitted: one compiled program instead of one per operation of the traced forward pass (12 s
+  against 1 s for the tiny model on 2 CPU cores)."""
   images = jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3), jnp.float32)
   token_ids = jnp.zeros((1, config.text.context_length), jnp.int32)
-  return CLIP(config).init(rng, images, token_ids)["params"]
+  init = jax.jit(lambda key: CLIP(config).init(key, images, token_ids)["params"])
+  return init(rng)
 
 
 def trim_token_ids(token_ids: jax.Array | np.ndarray, multiple: int = 8) -> jax.Array | np.ndarray:
@@ -386,6 +391,12 @@ def _variables(params: Params, lora: Params | None) -> dict:
   return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
 
 
+# The public encoders are jitted (inlined when called inside another jitted function): called
+# from Python, they run as one compiled program instead of one dispatch per operation.
+_ENCODER_OPTIONS = ("config", "lora_scale", "lora_dropout", "dtype", "remat")
+
+
+@functools.partial(jax.jit, static_argnames=_ENCODER_OPTIONS)
 def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
                   lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                   dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
@@ -397,6 +408,7 @@ def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
                      method=CLIP.encode_image, rngs=rngs)
 
 
+@functools.partial(jax.jit, static_argnames=(*_ENCODER_OPTIONS, "chunk_size"))
 def encode_texts(params: Params, token_ids: jax.Array, config: CLIPConfig, *,
                  lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                  dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
@@ -419,6 +431,7 @@ def encode_texts(params: Params, token_ids: jax.Array, config: CLIPConfig, *,
   return jax.lax.map(encode, chunks).reshape(padded, -1)[:n]
 
 
+@functools.partial(jax.jit, static_argnames=("config", "lora_scale"))
 def logits(params: Params, images: jax.Array, token_ids: jax.Array, config: CLIPConfig,
            lora: Params | None = None, lora_scale: float = 1.0) -> jax.Array:
   """exp(logit_scale) * cos(image, text) for every image-prompt pair, shape (B, N)."""

@@ -6,6 +6,10 @@ library never imports torch.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from clip_lora_jax import xla_flags
@@ -52,3 +56,30 @@ def tiny_hf_checkpoint(tmp_path_factory) -> str:
   backend.model_max_length = 77
   backend.save_pretrained(directory)
   return str(directory)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The reference run of the end-to-end tests (train.py on configs/runlocal.py); the killed-and-
+# resumed runs of tests/test_train_e2e.py and tests/test_multiprocess.py repeat these overrides.
+RUNLOCAL_OVERRIDES = ("--config.total_steps=40", "--config.checkpoint_every=10",
+                      "--config.eval_every=20", "--config.export_merged=True",
+                      "--config.progress=False")
+
+
+def train_cmd(workdir: str, *overrides: str, config_arg: str = "") -> list[str]:
+  """train.py on configs/runlocal.py (with `config_arg`, e.g. `:method=block_lora`)."""
+  return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+          os.path.join(ROOT, "configs/runlocal.py") + config_arg, "--workdir", workdir,
+          "--config.progress=False", *overrides]
+
+
+@pytest.fixture(scope="session")
+def runlocal_run(tmp_path_factory) -> tuple[str, str]:
+  """(workdir, stdout) of one uninterrupted `train.py` run with RUNLOCAL_OVERRIDES, shared by
+  the tests that check its outputs and those that compare killed-and-resumed runs with it."""
+  workdir = str(tmp_path_factory.mktemp("runlocal") / "run")
+  out = subprocess.run(train_cmd(workdir, *RUNLOCAL_OVERRIDES),
+                       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out.stdout

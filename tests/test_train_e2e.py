@@ -16,14 +16,9 @@ import transformers
 from clip_lora_jax import block_lora, lora
 from configs import runlocal
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, RUNLOCAL_OVERRIDES, train_cmd
+
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-
-
-def train_cmd(workdir: str, *overrides: str, config_arg: str = "") -> list[str]:
-  return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-          os.path.join(ROOT, "configs/runlocal.py") + config_arg, "--workdir", workdir,
-          "--config.progress=False", *overrides]
 
 
 def load_eval_module():
@@ -41,27 +36,23 @@ def read_adapter(workdir: str) -> lora.Adapter:
   return lora.load_adapter(os.path.join(workdir, "adapter.safetensors"))
 
 
-def test_train_writes_adapter_metrics_results_and_eval_agrees(tmp_path):
-  workdir = str(tmp_path / "run")
-  out = subprocess.run(train_cmd(workdir, "--config.total_steps=20", "--config.eval_every=10",
-                                 "--config.checkpoint_every=10", "--config.export_merged=True"),
-                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "test top-1" in out.stdout
+def test_train_writes_adapter_metrics_results_and_eval_agrees(runlocal_run):
+  workdir, stdout = runlocal_run
+  assert "test top-1" in stdout
 
   results = json.load(open(os.path.join(workdir, "results.json")))
-  assert results["steps"] == 20 and results["dataset"] == "eurosat" and results["shots"] == 2
+  assert results["steps"] == 40 and results["dataset"] == "eurosat" and results["shots"] == 2
   assert 0 <= results["test_top1"] <= results["test_top5"] <= 100 and results["test_count"] > 0
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train_steps = [r["step"] for r in records if "train/loss" in r]
-  assert train_steps == [5, 10, 15, 20]
+  assert train_steps == list(range(5, 41, 5))
   assert all(np.isfinite(r["train/loss"]) and r["train/learning_rate"] > 0
              for r in records if "train/loss" in r)
-  assert [r["step"] for r in records if "val/top1" in r] == [10]
+  assert [r["step"] for r in records if "val/top1" in r] == [20]
   assert any("test/top1" in r for r in records)
   assert any(f.startswith("events.out.tfevents")
              for f in os.listdir(os.path.join(workdir, "tensorboard")))
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int)[-1] == "40"
 
   adapter = read_adapter(workdir)
   assert adapter.base_name == "tiny" and adapter.config == lora.LoRAConfig()
@@ -102,10 +93,9 @@ def test_block_lora_trains_through_the_same_command_and_eval_reads_its_adapter(t
   assert evaluated["top1"] == pytest.approx(results["test_top1"])
 
 
-def test_killed_run_resumes_to_the_same_adapter(tmp_path):
-  overrides = ("--config.total_steps=60", "--config.checkpoint_every=10")
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, runlocal_run):
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(train_cmd(killed, *overrides), env=ENV, cwd=ROOT,
+  proc = subprocess.Popen(train_cmd(killed, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   first_checkpoint = os.path.join(killed, "checkpoints", "10")
   deadline = time.time() + 300
@@ -116,15 +106,12 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
   assert not os.path.exists(os.path.join(killed, "results.json"))
 
-  out = subprocess.run(train_cmd(killed, *overrides), env=ENV, cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-
-  # The same command uninterrupted (same process set-up, so same XLA flags and programs).
-  uninterrupted = str(tmp_path / "uninterrupted")
-  out = subprocess.run(train_cmd(uninterrupted, *overrides), env=ENV, cwd=ROOT,
+  out = subprocess.run(train_cmd(killed, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+
+  # Against the same command uninterrupted (same process set-up, so same XLA flags and programs).
+  uninterrupted = runlocal_run[0]
   resumed, reference = read_adapter(killed), read_adapter(uninterrupted)
   for got, want in zip(jax.tree.leaves(resumed.lora), jax.tree.leaves(reference.lora)):
     np.testing.assert_array_equal(got, want)

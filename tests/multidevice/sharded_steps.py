@@ -12,9 +12,11 @@ from clip_lora_jax import features, lora, model, sharding, training
 from configs import fewshot
 
 
-def run(mesh, fsdp: bool, steps: int = 4):
-  config = model.get_config("tiny")
-  params = model.init_params(jax.random.key(0), config)
+CONFIG = model.get_config("tiny")
+
+
+def run(mesh, params, fsdp: bool, steps: int = 4):
+  config = CONFIG
   lora_config = lora.LoRAConfig(rank=2)
   opt_config = fewshot.get_config().optimizer
   opt_config.learning_rate = 1e-2
@@ -40,10 +42,9 @@ def run(mesh, fsdp: bool, steps: int = 4):
   return jax.device_get(state["lora"])
 
 
-def image_features(mesh):
+def image_features(mesh, params):
   """Embeddings of 20 images in batches of 8 (the last one padded and masked)."""
-  config = model.get_config("tiny")
-  params = model.init_params(jax.random.key(0), config)
+  config = CONFIG
   images = np.random.default_rng(1).normal(size=(24, 32, 32, 3)).astype(np.float32)
   mask = (np.arange(24) < 20).astype(np.int32)
   batches = [{"image": images[i:i + 8], "label": np.arange(i, i + 8, dtype=np.int32),
@@ -55,13 +56,14 @@ def image_features(mesh):
 
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()
-  single = run(sharding.make_mesh(1), fsdp=False)
+  base = model.init_params(jax.random.key(0), CONFIG)
+  single = run(sharding.make_mesh(1), base, fsdp=False)
   diffs = {}
   for name, fsdp in (("data", False), ("fsdp", True)):
-    sharded = run(sharding.make_mesh(8), fsdp=fsdp)
+    sharded = run(sharding.make_mesh(8), base, fsdp=fsdp)
     diffs[name] = max(float(np.abs(a - b).max())
                       for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)))
   diffs["moved"] = max(float(np.abs(x).max()) for x in jax.tree.leaves(single))
-  diffs["features"] = float(np.abs(image_features(sharding.make_mesh(1))
-                                   - image_features(sharding.make_mesh(8))).max())
+  diffs["features"] = float(np.abs(image_features(sharding.make_mesh(1), base)
+                                   - image_features(sharding.make_mesh(8), base)).max())
   json.dump(diffs, sys.stdout)
