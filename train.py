@@ -15,11 +15,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves the input pipeline only.
 
 # pylint: disable=wrong-import-position
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from clip_lora_jax import cli, methods, sharding
+from clip_lora_jax import cli
 from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
@@ -38,6 +37,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   f = cli.start(argv)
+  # JAX, TensorFlow and the methods load only now: --help and flag errors answer in a second.
+  import jax  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax import methods, sharding  # pylint: disable=import-outside-toplevel
   with exit_on_user_error():
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                     auto=f.distributed)
