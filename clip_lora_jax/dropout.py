@@ -70,15 +70,15 @@ def sum_input_chunks(x: jax.Array, rows: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], width // rows, rows).sum(axis=-2)
 
 
-def _dropped(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
-  mask = keep_mask(key, x.shape, rate)
+def _dropped(x: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
   return jnp.where(mask, x * jnp.asarray(1 / (1 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def dropped_down_projection(x: jax.Array, a: jax.Array, key: jax.Array, rate: float) -> jax.Array:
   """`sum_input_chunks(dropout(x, rate), a.shape[0]) @ a` with the mask drawn from `key`."""
-  return jnp.dot(sum_input_chunks(_dropped(x, key, rate), a.shape[0]), a)
+  return jnp.dot(sum_input_chunks(_dropped(x, keep_mask(key, x.shape, rate), rate), a.shape[0]),
+                 a)
 
 
 def _forward(x, a, key, rate):
@@ -87,11 +87,12 @@ def _forward(x, a, key, rate):
 
 def _backward(rate, residuals, g):
   x, a, key = residuals
-  dropped = sum_input_chunks(_dropped(x, key, rate), a.shape[0])
+  mask = keep_mask(key, x.shape, rate)  # One mask for both gradients.
+  dropped = sum_input_chunks(_dropped(x, mask, rate), a.shape[0])
   grad_a = jnp.dot(dropped.reshape(-1, a.shape[0]).T, g.reshape(-1, a.shape[1])).astype(a.dtype)
   grad_chunk = jnp.dot(g, a.T)
   grad_dropped = jnp.tile(grad_chunk, (1,) * (x.ndim - 1) + (x.shape[-1] // a.shape[0],))
-  grad_x = _dropped(grad_dropped, key, rate).astype(x.dtype)
+  grad_x = _dropped(grad_dropped, mask, rate).astype(x.dtype)
   return grad_x, grad_a, np.zeros(np.shape(key), jax.dtypes.float0)
 
 
