@@ -62,8 +62,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The reference run of the end-to-end tests (train.py on configs/runlocal.py); the killed-and-
 # resumed runs of tests/test_train_e2e.py and tests/test_multiprocess.py repeat these overrides.
 RUNLOCAL_OVERRIDES = ("--config.total_steps=40", "--config.checkpoint_every=10",
-                      "--config.eval_every=20", "--config.export_merged=True",
-                      "--config.progress=False")
+                      "--config.eval_every=20", "--config.export_merged=True")
+# The environment of train.py / eval.py subprocesses.
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 
 
 def train_cmd(workdir: str, *overrides: str, config_arg: str = "") -> list[str]:
@@ -78,8 +79,7 @@ def runlocal_run(tmp_path_factory) -> tuple[str, str]:
   """(workdir, stdout) of one uninterrupted `train.py` run with RUNLOCAL_OVERRIDES, shared by
   the tests that check its outputs and those that compare killed-and-resumed runs with it."""
   workdir = str(tmp_path_factory.mktemp("runlocal") / "run")
-  out = subprocess.run(train_cmd(workdir, *RUNLOCAL_OVERRIDES),
-                       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}, cwd=ROOT,
+  out = subprocess.run(train_cmd(workdir, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir, out.stdout

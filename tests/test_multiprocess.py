@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from clip_lora_jax import lora
-from conftest import ROOT, RUNLOCAL_OVERRIDES, train_cmd
+from conftest import ENV, ROOT, RUNLOCAL_OVERRIDES, train_cmd
 
 
 def free_port() -> int:
@@ -23,8 +23,7 @@ def free_port() -> int:
 
 def launch(workdir: str, process_id: int, port: int) -> subprocess.Popen:
   """Process `process_id` of 2, with 4 simulated CPU devices."""
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   cmd = [*train_cmd(workdir, *RUNLOCAL_OVERRIDES), f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={process_id}"]
   return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

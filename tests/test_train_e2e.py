@@ -16,9 +16,7 @@ import transformers
 from clip_lora_jax import block_lora, lora
 from configs import runlocal
 
-from conftest import ROOT, RUNLOCAL_OVERRIDES, train_cmd
-
-ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+from conftest import ENV, ROOT, RUNLOCAL_OVERRIDES, train_cmd
 
 
 def load_eval_module():

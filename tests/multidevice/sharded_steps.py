@@ -16,7 +16,6 @@ CONFIG = model.get_config("tiny")
 
 
 def run(mesh, params, fsdp: bool, steps: int = 4):
-  config = CONFIG
   lora_config = lora.LoRAConfig(rank=2)
   opt_config = fewshot.get_config().optimizer
   opt_config.learning_rate = 1e-2
@@ -26,10 +25,10 @@ def run(mesh, params, fsdp: bool, steps: int = 4):
   for row, end in enumerate((3, 5, 2, 4, 3)):
     ids[row, end], ids[row, end + 1:] = 49407, 0
   groups, rows = training.group_prompts(ids, 2, mesh.size)  # 2 groups, 3 and 2 prompts
-  step_config = training.StepConfig(config, lora_config, class_rows=rows)
+  step_config = training.StepConfig(CONFIG, lora_config, class_rows=rows)
   step = training.make_train_step(step_config, optimizer, mesh)
   state = sharding.put_replicated(
-      training.init_state(0, lora.init(jax.random.PRNGKey(0), config, lora_config), optimizer),
+      training.init_state(0, lora.init(jax.random.PRNGKey(0), CONFIG, lora_config), optimizer),
       mesh)
   params = jax.device_put(params, sharding.params_sharding(params, mesh, fsdp))
   text = tuple(jax.device_put(g, sharding.batch_sharding(mesh)) for g in groups)
@@ -44,12 +43,11 @@ def run(mesh, params, fsdp: bool, steps: int = 4):
 
 def image_features(mesh, params):
   """Embeddings of 20 images in batches of 8 (the last one padded and masked)."""
-  config = CONFIG
   images = np.random.default_rng(1).normal(size=(24, 32, 32, 3)).astype(np.float32)
   mask = (np.arange(24) < 20).astype(np.int32)
   batches = [{"image": images[i:i + 8], "label": np.arange(i, i + 8, dtype=np.int32),
               "mask": mask[i:i + 8]} for i in (0, 8, 16)]
-  emb, labels = features.embed_batches(params, config, batches, mesh)
+  emb, labels = features.embed_batches(params, CONFIG, batches, mesh)
   assert emb.shape == (20, 32) and list(labels) == list(range(20)), (emb.shape, labels)
   return emb
 
