@@ -50,7 +50,7 @@ def main() -> None:
   xla_flags.use_fast_cpu_flags()  # As train.py and eval.py do, before JAX's first computation.
   torch.set_num_threads(args.threads)
   cfg = model.get_config(args.arch)
-  params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), cfg)
+  params = model.init_params(jax.random.key(0), cfg)
   size = cfg.vision.image_size
   images = np.random.default_rng(0).standard_normal((args.batch, size, size, 3)).astype(np.float32)
 

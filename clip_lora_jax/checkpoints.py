@@ -3,8 +3,8 @@
 Each layout is described once, as a table of entries `source key <-> leaves of our parameter
 pytree` with a named transform (copy, Linear transpose, conv transpose, fused q/k/v split). Import
 and export are the two directions of the same table, so the Hugging Face round trip is the
-identity by construction. Expected shapes come from the model itself (`jax.eval_shape` of
-`model.init_params`), so a checkpoint that does not fit the architecture is reported by key with
+identity by construction. Expected shapes come from the model itself (`model.param_shapes`,
+traced), so a checkpoint that does not fit the architecture is reported by key with
 both shapes before anything is converted.
 
 Everything here runs on numpy and safetensors' numpy backend: no torch at run time.
@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import huggingface_hub
-import jax
 import numpy as np
 import safetensors.numpy
 import transformers
@@ -174,8 +173,8 @@ def _openclip_layout(cfg: model_lib.CLIPConfig) -> list[_Entry]:
 @functools.lru_cache(maxsize=8)
 def param_shapes(cfg: model_lib.CLIPConfig) -> dict[Path, tuple[int, ...]]:
   """Leaf path -> shape of the model's parameters for `cfg` (traced, nothing allocated)."""
-  abstract = jax.eval_shape(functools.partial(model_lib.init_params, config=cfg), jax.random.key(0))
-  return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract).items()}
+  return {path: tuple(leaf.shape)
+          for path, leaf in traverse_util.flatten_dict(model_lib.param_shapes(cfg)).items()}
 
 
 def _source_shape(entry: _Entry, shapes: Mapping[Path, tuple[int, ...]]) -> tuple[int, ...]:

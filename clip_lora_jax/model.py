@@ -13,6 +13,12 @@ low-rank pair `{'a': (in, r), 'b': (r, out)}` from the `'lora'` variable collect
 path as its parameters. The low-rank branch is computed as `((dropout(x) @ a) @ b) * scale`,
 never as a dense `a @ b` update, so training backpropagates through two thin matrices only.
 The base parameters and the low-rank pairs are two separate pytrees: see `clip_lora_jax.lora`.
+
+Parameters keep the per-layer layout of the checkpoints (`layers_0`, `layers_1`, ...), but the
+blocks of a tower run as a `lax.scan` over their stacked weights: a tower compiles as one block
+instead of one per layer (a ViT-B/16 train step compiled in seconds instead of minutes on a
+GPU). The text tower also reads packed prompts: several prompts per row, each attending only to
+itself (`clip_lora_jax.prompts`), so many prompts of mixed lengths cost their total length.
 """
 
 from __future__ import annotations
@@ -134,15 +140,30 @@ quick_gelu.defvjp(_quick_gelu_forward, _quick_gelu_backward)
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-  """How the towers run (not what they are): low-rank scale and dropout, compute dtype, remat."""
+  """How the towers run (not what they are): low-rank scale and dropout, compute dtype, remat,
+  and the attention kernel ('auto': cuDNN's fused attention on GPUs in bf16 / fp16, else XLA's)."""
   activation: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   lora_scale: float = 1.0
   lora_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "auto"
+
+  def attention_implementation(self) -> str:
+    """'cudnn' or 'xla' for unmasked (or plainly causal) attention at this runtime's dtype."""
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise UserError(f"attention={self.attention!r}: use one of "
+                      f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if self.attention != "auto":
+      return self.attention
+    low_precision = jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if low_precision and jax.default_backend() == "gpu" else "xla"
 
 
 class Dense(nn.Module):
@@ -176,59 +197,87 @@ class Dense(nn.Module):
     return y
 
 
-def _take_rows(x: jax.Array, pool: jax.Array) -> jax.Array:
-  """(B, T, D) -> (B, D): the row `pool[b]` of every sequence b."""
-  return jnp.take_along_axis(x, pool[:, None, None], axis=1)[:, 0]
+# (rows, columns) of the positions a tower pools, each (Q,); rows None: row q of the batch.
+Pool = tuple[jax.Array | None, jax.Array]
 
 
-def _single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                            lengths: jax.Array | None) -> jax.Array:
-  """Softmax attention of one query per sequence: q (B, H, D), k and v (B, S, H, D) -> (B, H, D);
-  with `lengths` (B,), sequence b attends to its first lengths[b] positions only.
+def _take(x: jax.Array, pool: Pool) -> jax.Array:
+  """(B, T, ...) -> (Q, ...): the entries at the positions `pool`."""
+  rows, cols = pool
+  if rows is None:
+    return jnp.take_along_axis(x, cols.reshape(-1, *[1] * (x.ndim - 1)), axis=1)[:, 0]
+  return x[rows, cols]
+
+
+def _pooled_attention(q: jax.Array, k: jax.Array, v: jax.Array, first: jax.Array | None,
+                      last: jax.Array | None) -> jax.Array:
+  """Softmax attention of one query per sequence: q (Q, H, D), k and v (Q, S, H, D) -> (Q, H, D);
+  query q attends to positions [first[q], last[q]] (None: from the first, to the last).
 
   Products and sums instead of dots: XLA's CPU backend cannot compile the bf16 batched
   matrix-vector dots of this shape, and they are a negligible share of the step.
   """
   f32 = jnp.float32
   scores = jnp.sum(q[:, None].astype(f32) * k.astype(f32), axis=-1) / np.sqrt(q.shape[-1])
-  if lengths is not None:
-    positions = jnp.arange(k.shape[1])[None, :, None]
-    scores = jnp.where(positions < lengths[:, None, None], scores, -jnp.inf)
+  positions = jnp.arange(k.shape[1])[None, :, None]
+  if last is not None:
+    scores = jnp.where(positions <= last[:, None, None], scores, -jnp.inf)
+  if first is not None:
+    scores = jnp.where(positions >= first[:, None, None], scores, -jnp.inf)
   weights = jax.nn.softmax(scores, axis=1)
   return jnp.sum(weights[..., None] * v.astype(f32), axis=1).astype(q.dtype)
+
+
+def _segment_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                              starts: jax.Array) -> jax.Array:
+  """Causal attention within packed segments: position i of row b attends to [starts[b, i], i]."""
+  positions = jnp.arange(q.shape[1])
+  mask = ((positions[None, None, :] <= positions[None, :, None])
+          & (positions[None, None, :] >= starts[:, :, None]))
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with separate q, k, v, o projections (all with bias).
 
-  With `pool` (B,), only the query at position `pool[b]` of each sequence is computed (it still
-  attends to every position, or with `causal` to positions <= pool[b]): output (B, D).
+  Causal: position i attends to positions [starts[b, i], i] (`starts` (B, T): the first
+  position of i's packed prompt; None: 0). Otherwise to every position. With `pool`, only those
+  queries are computed (they still attend as above): output (Q, D) instead of (B, T, D).
   """
   heads: int
   causal: bool
   runtime: Runtime
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True,
-               pool: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True, starts: jax.Array | None = None,
+               pool: Pool | None = None) -> jax.Array:
     width = x.shape[-1]
     head_dim = width // self.heads
     project = lambda name, t: Dense(width, runtime=self.runtime, name=name)(t, deterministic)
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, head_dim)
-    queries = x if pool is None else _take_rows(x, pool)
-    q = split(project("q", queries))
     k, v = (split(project(name, x)) for name in ("k", "v"))
     if pool is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-    else:
-      out = _single_query_attention(q, k, v, pool + 1 if self.causal else None)
-    return project("o", out.reshape(*queries.shape[:-1], width))
+      q = split(project("q", x))
+      if starts is None:
+        out = jax.nn.dot_product_attention(
+            q, k, v, is_causal=self.causal,
+            implementation=self.runtime.attention_implementation())
+      else:
+        out = _segment_causal_attention(q, k, v, starts)
+      return project("o", out.reshape(x.shape))
+    rows, cols = pool
+    q = split(project("q", _take(x, pool)))
+    if rows is not None:
+      k, v = k[rows], v[rows]
+    first = None if starts is None or not self.causal else _take(starts, pool)
+    out = _pooled_attention(q, k, v, first, cols if self.causal else None)
+    return project("o", out.reshape(-1, width))
 
 
 class ResidualBlock(nn.Module):
   """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-  With `pool` (B,), only position `pool[b]` of each sequence comes out: (B, D).
+  With `pool`, only those positions come out: (Q, D).
   """
   heads: int
   mlp_dim: int
@@ -236,12 +285,13 @@ class ResidualBlock(nn.Module):
   runtime: Runtime
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True,
-               pool: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True, starts: jax.Array | None = None,
+               pool: Pool | None = None) -> jax.Array:
     rt = self.runtime
     norm = lambda name: nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name=name)
-    attn = Attention(self.heads, self.causal, rt, name="attn")(norm("ln_1")(x), deterministic, pool)
-    x = (x if pool is None else _take_rows(x, pool)) + attn
+    attn = Attention(self.heads, self.causal, rt, name="attn")(norm("ln_1")(x), deterministic,
+                                                              starts, pool)
+    x = (x if pool is None else _take(x, pool)) + attn
     return x + Mlp(self.mlp_dim, rt, name="mlp")(norm("ln_2")(x))
 
 
@@ -256,17 +306,66 @@ class Mlp(nn.Module):
     return Dense(x.shape[-1], runtime=self.runtime, name="fc2")(ACTIVATIONS[self.runtime.activation](h))
 
 
-def _run_blocks(x: jax.Array, tower: VisionConfig | TextConfig, rt: Runtime, causal: bool,
-                deterministic: bool, pool: jax.Array) -> jax.Array:
-  """Residual blocks `layers_0 .. layers_{L-1}`, created in the calling module's scope; (B, D)
-  states at the positions `pool` (B,) that the tower pools. The last block computes only those
-  (its keys and values still read every position): the other positions of its output are unused.
+def _stack(trees: list[Any]) -> Any:
+  """Pytrees of one structure -> one pytree of arrays with a new leading axis."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _scan_segments(adapters: Mapping[str, Any], count: int) -> list[list[int]]:
+  """Runs of consecutive layers among the first `count` whose adapters (or absence of one) have
+  the same shapes: each run is one scan over stacked weights."""
+  signature = lambda i: jax.tree.map(np.shape, adapters.get(f"layers_{i}"))
+  runs: list[list[int]] = []
+  for i in range(count):
+    if runs and signature(runs[-1][-1]) == signature(i):
+      runs[-1].append(i)
+    else:
+      runs.append([i])
+  return runs
+
+
+def _run_blocks(tower: nn.Module, x: jax.Array, config: VisionConfig | TextConfig,
+                causal: bool, deterministic: bool, starts: jax.Array | None,
+                pool: Pool) -> jax.Array:
+  """The residual blocks `layers_0 .. layers_{L-1}` of `tower` (a module whose parameters hold
+  them in that per-layer layout); (Q, D) states at the positions `pool` that the tower pools.
+
+  Blocks 0 .. L-2 run as scans over their stacked weights (one per run of layers with the same
+  adapter shapes: `_scan_segments`), so a tower compiles as one block. The last block computes
+  only the pooled positions (its keys and values still read every position): the other
+  positions of its output are unused. Block i's dropout key is `fold_in(tower key, i)`.
   """
-  block = nn.remat(ResidualBlock, static_argnums=(2,)) if rt.remat else ResidualBlock
-  for i in range(tower.layers):
-    last = pool if i == tower.layers - 1 else None
-    x = block(tower.heads, tower.mlp_dim, causal, rt, name=f"layers_{i}")(x, deterministic, last)
-  return x
+  rt = tower.runtime
+  make_block = functools.partial(ResidualBlock, config.heads, config.mlp_dim, causal, rt)
+  last = config.layers - 1
+  if tower.is_initializing():  # Declares every block's parameters, in the per-layer layout.
+    for i in range(last):
+      x = make_block(name=f"layers_{i}")(x)
+    return make_block(name=f"layers_{last}")(x, pool=pool)
+  params = tower.variables["params"]
+  adapters = tower.variables.get(LORA_COLLECTION, {})
+  tower_key = None if deterministic else tower.make_rng("dropout")
+  block = make_block(parent=None)
+
+  def apply(block_params, block_adapter, layer, x, pool=None):
+    variables = {"params": block_params}
+    if block_adapter is not None:
+      variables[LORA_COLLECTION] = block_adapter
+    rngs = {} if tower_key is None else {"dropout": jax.random.fold_in(tower_key, layer)}
+    return block.apply(variables, x, deterministic, starts, pool, rngs=rngs)
+
+  def scan_body(x, layer_inputs):
+    return apply(*layer_inputs, x), None
+
+  if rt.remat:
+    scan_body = jax.checkpoint(scan_body)
+  for layers in _scan_segments(adapters, last):
+    stacked = (_stack([params[f"layers_{i}"] for i in layers]),
+               _stack([adapters[f"layers_{i}"] for i in layers])
+               if f"layers_{layers[0]}" in adapters else None,
+               jnp.asarray(layers, jnp.uint32))
+    x, _ = jax.lax.scan(scan_body, x, stacked)
+  return apply(params[f"layers_{last}"], adapters.get(f"layers_{last}"), last, x, pool)
 
 
 class VisionTower(nn.Module):
@@ -290,33 +389,43 @@ class VisionTower(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
     x = nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_pre")(x)
-    x = _run_blocks(x, cfg, rt, causal=False, deterministic=deterministic,
-                    pool=jnp.zeros(x.shape[0], jnp.int32))
+    x = _run_blocks(self, x, cfg, causal=False, deterministic=deterministic, starts=None,
+                    pool=(None, jnp.zeros(x.shape[0], jnp.int32)))
     return nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_post")(x)
 
 
 class TextTower(nn.Module):
   """Token and position embeddings, causal blocks, ln_final, pooled at the end-of-text token.
 
-  Accepts any context T <= context_length: the encoder is causal and pools at the end token, so
-  ids cut after the longest prompt's end token give exactly the same output as the full 77.
+  Plain input: (N, T) ids, one prompt per row, T <= context_length; the encoder is causal and
+  pools at the end token, so ids cut after the longest prompt's end token give exactly the same
+  output as the full 77. Packed input (`positions` and `ends` given, see
+  `clip_lora_jax.prompts.pack_prompts`): rows of several prompts; token j of a row sits at
+  position `positions[j]` of its own prompt and attends to that prompt only; prompt q ends at
+  row `ends[0][q]`, column `ends[1][q]`. Output (Q, width), one row per pooled prompt.
   """
   config: TextConfig
   runtime: Runtime
 
   @nn.compact
-  def __call__(self, token_ids: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, token_ids: jax.Array, deterministic: bool = True,
+               positions: jax.Array | None = None, ends: Pool | None = None) -> jax.Array:
     cfg, rt = self.config, self.runtime
     length = token_ids.shape[-1]
-    if length > cfg.context_length:
+    if positions is None and length > cfg.context_length:
       raise ValueError(f"token ids of length {length} exceed the context {cfg.context_length}")
     x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(0.02),
                  name="token_embedding")(token_ids).astype(rt.dtype)
     pos = self.param("position_embedding", nn.initializers.normal(0.01),
                      (cfg.context_length, cfg.width))
-    x = x + pos[:length].astype(rt.dtype)
-    x = _run_blocks(x, cfg, rt, causal=True, deterministic=deterministic,
-                    pool=jnp.argmax(token_ids, axis=-1))
+    if positions is None:
+      x = x + pos[:length].astype(rt.dtype)
+      starts, ends = None, (None, jnp.argmax(token_ids, axis=-1))
+    else:
+      x = x + pos[positions].astype(rt.dtype)
+      starts = jnp.arange(length)[None, :] - positions
+    x = _run_blocks(self, x, cfg, causal=True, deterministic=deterministic, starts=starts,
+                    pool=ends)
     return nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_final")(x)
 
 
@@ -328,11 +437,12 @@ class CLIP(nn.Module):
   lora_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   def setup(self):
     cfg = self.config
     rt = Runtime(cfg.activation, cfg.layer_norm_eps, self.lora_scale, self.lora_dropout,
-                 self.dtype, self.remat)
+                 self.dtype, self.remat, self.attention)
     self.vision = VisionTower(cfg.vision, rt)
     self.text = TextTower(cfg.text, rt)
     self.visual_projection = Dense(cfg.embed_dim, use_bias=False, runtime=rt)
@@ -343,9 +453,12 @@ class CLIP(nn.Module):
     """(B, H, W, 3) CLIP-normalised images -> (B, embed_dim) unnormalised float32 embeddings."""
     return self.visual_projection(self.vision(images, deterministic)).astype(jnp.float32)
 
-  def encode_text(self, token_ids: jax.Array, deterministic: bool = True) -> jax.Array:
-    """(N, T) token ids, T <= context_length -> (N, embed_dim) unnormalised float32 embeddings."""
-    return self.text_projection(self.text(token_ids, deterministic)).astype(jnp.float32)
+  def encode_text(self, token_ids: jax.Array, deterministic: bool = True,
+                  positions: jax.Array | None = None, ends: Pool | None = None) -> jax.Array:
+    """(N, T) token ids, T <= context_length (or packed prompts: see `TextTower`) ->
+    (prompts, embed_dim) unnormalised float32 embeddings."""
+    return self.text_projection(self.text(token_ids, deterministic, positions, ends)
+                                ).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, token_ids: jax.Array,
                deterministic: bool = True) -> jax.Array:
@@ -364,15 +477,39 @@ def cosine_logits(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array | 
   return scale * normalize(image_emb) @ normalize(text_emb).T
 
 
-@functools.partial(jax.jit, static_argnames="config")
+def param_shapes(config: CLIPConfig) -> Params:
+  """The parameter pytree of `config` as `jax.ShapeDtypeStruct`s (traced, nothing computed)."""
+  images = jax.ShapeDtypeStruct((1, config.vision.image_size, config.vision.image_size, 3),
+                                jnp.float32)
+  token_ids = jax.ShapeDtypeStruct((1, config.text.context_length), jnp.int32)
+  return jax.eval_shape(CLIP(config).init, jax.random.key(0), images, token_ids)["params"]
+
+
+def _random_leaf(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+  """A leaf of `init_params` by its name, as the modules' initializers draw it."""
+  normal = lambda std: (rng.standard_normal(shape, np.float32) * np.float32(std))
+  if name == "kernel":  # lecun normal: variance 1 / fan_in.
+    return normal(1 / math.sqrt(math.prod(shape[:-1])))
+  if name in ("embedding", "class_embedding"):
+    return normal(0.02)
+  if name == "position_embedding":
+    return normal(0.01)
+  if name == "logit_scale":
+    return np.full(shape, math.log(1 / 0.07), np.float32)
+  return (np.ones if name == "scale" else np.zeros)(shape, np.float32)  # LayerNorm / biases.
+
+
 def init_params(rng: jax.Array, config: CLIPConfig) -> Params:
   """Random base parameters for `config` (for tests and benchmarks; real runs load weights).
 
-  Jitted: one compiled program (per config) instead of one per operation of the traced forward
-  pass (4 s instead of 11 s for the tiny model on 2 CPU cores, mostly compilation)."""
-  images = jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3), jnp.float32)
-  token_ids = jnp.zeros((1, config.text.context_length), jnp.int32)
-  return CLIP(config).init(rng, images, token_ids)["params"]
+  The shapes are traced (`param_shapes`), the values drawn with numpy on the host from the
+  modules' initializer distributions, seeded by `rng`: nothing is compiled. (Flax's jitted init
+  of ViT-B/16 compiled for 73 to 79 s on a GPU: one kernel per parameter.)"""
+  key = rng if jnp.issubdtype(rng.dtype, jnp.uint32) else jax.random.key_data(rng)
+  generator = np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
+  leaves = jax.tree.map_with_path(
+      lambda path, leaf: _random_leaf(path[-1].key, leaf.shape, generator), param_shapes(config))
+  return jax.device_put(leaves)
 
 
 def trim_token_ids(token_ids: jax.Array | np.ndarray, multiple: int = 8) -> jax.Array | np.ndarray:
@@ -393,16 +530,16 @@ def _variables(params: Params, lora: Params | None) -> dict:
 
 # The public encoders are jitted (inlined when called inside another jitted function): called
 # from Python, they run as one compiled program instead of one dispatch per operation.
-_ENCODER_OPTIONS = ("config", "lora_scale", "lora_dropout", "dtype", "remat")
+_ENCODER_OPTIONS = ("config", "lora_scale", "lora_dropout", "dtype", "remat", "attention")
 
 
 @functools.partial(jax.jit, static_argnames=_ENCODER_OPTIONS)
 def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
                   lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                   dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
-                  remat: bool = False) -> jax.Array:
+                  remat: bool = False, attention: str = "auto") -> jax.Array:
   """Image embeddings (unnormalised). Dropout on the low-rank branch runs iff `dropout_rng`."""
-  model = CLIP(config, lora_scale, lora_dropout, dtype, remat)
+  model = CLIP(config, lora_scale, lora_dropout, dtype, remat, attention)
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
   return model.apply(_variables(params, lora), images, dropout_rng is None,
                      method=CLIP.encode_image, rngs=rngs)
@@ -412,19 +549,22 @@ def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
 def encode_texts(params: Params, token_ids: jax.Array, config: CLIPConfig, *,
                  lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                  dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
-                 remat: bool = False, chunk_size: int | None = None) -> jax.Array:
-  """Text embeddings (unnormalised) of (N, T) token ids.
+                 remat: bool = False, attention: str = "auto", chunk_size: int | None = None,
+                 positions: jax.Array | None = None, ends: Pool | None = None) -> jax.Array:
+  """Text embeddings (unnormalised) of (N, T) token ids, or of packed prompts (`positions` and
+  `ends`: see `TextTower` and `clip_lora_jax.prompts.encode_packed`).
 
   With `chunk_size`, the N prompts run through the tower `chunk_size` at a time inside one
   compiled loop (`lax.map`), so tens of thousands of prompts fit in memory in one call.
   """
-  model = CLIP(config, lora_scale, lora_dropout, dtype, remat)
+  model = CLIP(config, lora_scale, lora_dropout, dtype, remat, attention)
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-  encode = lambda ids: model.apply(_variables(params, lora), ids, dropout_rng is None,
-                                   method=CLIP.encode_text, rngs=rngs)
+  encode = lambda ids, positions=None, ends=None: model.apply(
+      _variables(params, lora), ids, dropout_rng is None, positions, ends,
+      method=CLIP.encode_text, rngs=rngs)
   n = token_ids.shape[0]
-  if chunk_size is None or n <= chunk_size:
-    return encode(token_ids)
+  if positions is not None or chunk_size is None or n <= chunk_size:
+    return encode(token_ids, positions, ends)
   padded = -(-n // chunk_size) * chunk_size
   ids = jnp.pad(token_ids, ((0, padded - n), (0, 0)))
   chunks = ids.reshape(padded // chunk_size, chunk_size, ids.shape[-1])

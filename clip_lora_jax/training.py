@@ -6,10 +6,11 @@ validation, orbax checkpoints, resume) and `Run.test_accuracy` / `Run.finish` (r
 
 Data flow of `python train.py --config configs/fewshot.py` (CLIP-LoRA; Block-LoRA alike): the
 config names a base model (`base.load_base_model`) and a dataset (`data.get_dataset`,
-`data.load_few_shot`); an adapter is initialised (`lora.init`); `make_train_step` builds one
-jitted update with donated state whose loss is the cross-entropy of `logit_scale * cos(image,
-text)` over all class prompts; the final adapter is merged into the base (`lora.merge`) and
-evaluated on the test split (`evaluation.evaluate`).
+`data.load_few_shot`); an adapter is initialised (`lora.init`); the class prompts are packed
+(`prompts.pack_prompts`); `make_train_step` builds one jitted update with donated state whose
+loss is the cross-entropy of `logit_scale * cos(image, text)` over all class prompts; the final
+adapter is merged into the base (`lora.merge`) and evaluated on the test split
+(`evaluation.evaluate`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import checkpoints, data, evaluation, files, lora, metrics, model, sharding
+from clip_lora_jax import (checkpoints, data, evaluation, files, lora, metrics, model, prompts,
+                           sharding)
 from clip_lora_jax.errors import UserError
 
 State = dict[str, Any]  # {'step', 'lora', 'opt_state', 'rng'}: all arrays, checkpointed as is.
@@ -66,6 +68,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.{key}={value}: must be a positive integer")
   if config.dtype not in DTYPES:
     raise UserError(f"config.dtype={config.dtype!r}: use one of {', '.join(DTYPES)}")
+  if config.attention not in model.ATTENTION_IMPLEMENTATIONS:
+    raise UserError(f"config.attention={config.attention!r}: use one of "
+                    f"{', '.join(model.ATTENTION_IMPLEMENTATIONS)}")
   if "{}" not in config.template:
     raise UserError(f"config.template={config.template!r} has no '{{}}' for the class name")
 
@@ -99,9 +104,7 @@ class StepConfig:
   logit_scale: float = 100.0
   dtype: Any = jnp.float32
   remat: bool = False
-  # The row of each class in the concatenated encodings of the prompt groups (`group_prompts`);
-  # None: the rows are the classes, in order, and nothing else.
-  class_rows: tuple[int, ...] | None = None
+  attention: str = "auto"  # See `model.Runtime`.
 
   @property
   def text_trains(self) -> bool:
@@ -113,17 +116,15 @@ def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransforma
                     mesh: jax.sharding.Mesh | None = None) -> Callable:
   """A jitted `(state, base_params, images, labels, text) -> (state, metrics)` with donated state.
 
-  `text` is the token ids of the class prompts when the text tower trains (they are encoded with
-  gradients every step): one (C, T) array, or a tuple of groups of rows (`group_prompts`), each
-  (C_g, T_g) at its own length, whose encodings `step_config.class_rows` puts in class order.
-  Otherwise `text` is the (C, E) text embeddings, computed once.
+  `text` is the class prompts packed (`prompts.PackedPrompts`) when the text tower trains (they
+  are encoded with gradients every step); otherwise the (C, E) text embeddings, computed once.
   Gradients are taken with respect to the LoRA pytree only; base params are an argument (not a
   closure) so they are not baked into the compiled program as constants. With a `mesh`, the
   inputs' shardings drive the partitioning and the new state comes out replicated.
   """
   sc = step_config
   common = dict(lora_scale=sc.lora_config.scale, lora_dropout=sc.lora_config.dropout,
-                dtype=sc.dtype, remat=sc.remat)
+                dtype=sc.dtype, remat=sc.remat, attention=sc.attention)
 
   def loss_fn(lora_params, base_params, images, labels, text, rng):
     image_rng, text_rng = jax.random.split(rng)
@@ -131,13 +132,8 @@ def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransforma
     image_emb = model.encode_images(base_params, images, sc.model_config, lora=pairs,
                                     dropout_rng=image_rng, **common)
     if sc.text_trains:
-      groups = text if isinstance(text, tuple) else (text,)
-      text = jnp.concatenate([
-          model.encode_texts(base_params, ids, sc.model_config, lora=pairs,
-                             dropout_rng=jax.random.fold_in(text_rng, g), **common)
-          for g, ids in enumerate(groups)])
-      if sc.class_rows is not None:
-        text = text[np.asarray(sc.class_rows)]
+      text = prompts.encode_packed(base_params, text, sc.model_config, lora=pairs,
+                                   dropout_rng=text_rng, **common)
     return classification_loss(image_emb, text, labels, sc.logit_scale)
 
   def step(state: State, base_params, images, labels, text):
@@ -158,42 +154,6 @@ def init_state(seed: int, lora_params: model.Params,
   """The train state at step 0. `rng` is a raw uint32 key: dropout at step t uses fold_in(rng, t)."""
   return {"step": jnp.zeros((), jnp.int32), "lora": lora_params,
           "opt_state": optimizer.init(lora_params), "rng": jax.random.PRNGKey(seed)}
-
-
-def class_prompt_ids(base: base_lib.BaseModel, class_names, template: str) -> np.ndarray:
-  """Token ids of `template.format(name)` for every class, cut to the shortest exact context."""
-  return trim_class_prompts(base.tokenizer([template.format(n) for n in class_names]))
-
-
-def group_prompts(token_ids: np.ndarray, groups: int, pad_multiple: int = 1
-                  ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
-  """Class prompts sorted by length, cut into `groups` groups of near-equal count, each trimmed
-  exactly to its own longest prompt and padded (copies of its first row) to a multiple of
-  `pad_multiple` rows; and the row of each class in the groups' concatenation.
-
-  Exact, like trimming: the text tower is causal and pools at the end token. Many prompts of
-  mixed lengths (ImageNet's 1,000) then cost the text tower their mean length, not their longest.
-  """
-  ends = np.argmax(token_ids, axis=-1)
-  rows = np.empty(len(token_ids), np.int64)
-  parts, offset = [], 0
-  for members in np.array_split(np.argsort(ends, kind="stable"), min(groups, len(token_ids))):
-    parts.append(sharding.pad_to_multiple(trim_class_prompts(token_ids[members]), pad_multiple))
-    rows[members] = offset + np.arange(len(members))
-    offset += len(parts[-1])
-  return tuple(parts), tuple(int(r) for r in rows)
-
-
-def prompt_groups_for(num_classes: int) -> int:
-  """Groups of class prompts a run encodes (`group_prompts`): one per 250 classes, at most 4
-  (each group is one more copy of the text tower in the compiled step)."""
-  return min(4, -(-num_classes // 250))
-
-
-def trim_class_prompts(token_ids: np.ndarray) -> np.ndarray:
-  """Class prompt ids cut to exactly the longest prompt (no rounding up): a run's prompts are
-  fixed, so the exact length costs one compilation and no padded text work."""
-  return model.trim_token_ids(token_ids, multiple=1)
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -258,17 +218,15 @@ def data_context(config: ml_collections.ConfigDict):
 
 def _text_input(base: base_lib.BaseModel, params: model.Params, prompt_ids: np.ndarray,
                 step_config: StepConfig, mesh: jax.sharding.Mesh
-                ) -> tuple[jax.Array | tuple[jax.Array, ...], StepConfig]:
-  """What the train step takes as `text`, and the step config that reads it: the prompt groups
-  (`group_prompts`), each sharded over the mesh, when the text tower trains; else the frozen
-  text embeddings."""
+                ) -> jax.Array | prompts.PackedPrompts:
+  """What the train step takes as `text`: the class prompts packed (`prompts.pack_prompts`),
+  their rows sharded over the mesh, when the text tower trains; else the frozen text
+  embeddings."""
   if step_config.text_trains:
-    groups, rows = group_prompts(prompt_ids, prompt_groups_for(len(prompt_ids)), mesh.size)
-    return (tuple(jax.device_put(g, sharding.batch_sharding(mesh)) for g in groups),
-            dataclasses.replace(step_config, class_rows=rows))
+    return prompts.shard_packed(prompts.pack_prompts(prompt_ids, row_multiple=mesh.size), mesh)
   encode = jax.jit(lambda p, ids: model.encode_texts(p, ids, base.config, chunk_size=256),
                    out_shardings=sharding.replicated(mesh))
-  return encode(params, sharding.put_replicated(prompt_ids, mesh)), step_config
+  return encode(params, sharding.put_replicated(prompt_ids, mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,15 +297,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   base, spec, mesh, steps = run.base, run.spec, run.mesh, run.steps
   image_size = base.config.vision.image_size
   step_config = StepConfig(base.config, lora_config, config.logit_scale, DTYPES[config.dtype],
-                           config.remat)
+                           config.remat, config.attention)
   params = jax.device_put(base.params,
                           sharding.params_sharding(base.params, mesh, config.fsdp))
 
   with data_context(config):
     few_shot = data.load_few_shot(spec, config.shots, config.seed, data_dir=config.data_dir,
                                   split_file=config.split_file, cache_dir=config.cache_dir)
-    prompt_ids = class_prompt_ids(base, spec.class_names, config.template)
-    text, step_config = _text_input(base, params, prompt_ids, step_config, mesh)
+    prompt_ids = prompts.class_prompt_ids(base.tokenizer, spec.class_names, config.template)
+    text = _text_input(base, params, prompt_ids, step_config, mesh)
 
     optimizer = make_optimizer(config.optimizer, steps)
     lora_params = lora.init(jax.random.PRNGKey(config.seed), base.config, lora_config)

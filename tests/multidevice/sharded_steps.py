@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from clip_lora_jax import features, lora, model, sharding, training
+from clip_lora_jax import features, lora, model, prompts, sharding, training
 from configs import fewshot
 
 
@@ -24,14 +24,14 @@ def run(mesh, params, fsdp: bool, steps: int = 4):
   ids[:, 0], ids[:, 1:6] = 49406, 269
   for row, end in enumerate((3, 5, 2, 4, 3)):
     ids[row, end], ids[row, end + 1:] = 49407, 0
-  groups, rows = training.group_prompts(ids, 2, mesh.size)  # 2 groups, 3 and 2 prompts
-  step_config = training.StepConfig(CONFIG, lora_config, class_rows=rows)
+  packed = prompts.pack_prompts(ids, row_length=8, row_multiple=mesh.size)  # 3 rows, padded
+  step_config = training.StepConfig(CONFIG, lora_config)
   step = training.make_train_step(step_config, optimizer, mesh)
   state = sharding.put_replicated(
       training.init_state(0, lora.init(jax.random.PRNGKey(0), CONFIG, lora_config), optimizer),
       mesh)
   params = jax.device_put(params, sharding.params_sharding(params, mesh, fsdp))
-  text = tuple(jax.device_put(g, sharding.batch_sharding(mesh)) for g in groups)
+  text = prompts.shard_packed(packed, mesh)
   rng = np.random.default_rng(0)
   for _ in range(steps):
     batch = sharding.global_batch(mesh, {
