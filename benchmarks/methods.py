@@ -73,7 +73,8 @@ def run_weight_adapter(spec: Spec) -> dict[str, Any]:
   params = model.init_params(jax.random.key(0), cfg)
   options = METHODS[spec.impl][1]
   lora_cfg = block_lora.BlockLoRAConfig(**options) if options else lora.LoRAConfig()
-  step, state, text, _ = lora_step_and_state(cfg, lora_cfg, spec.token_ids)
+  step, initial_state, text, _ = lora_step_and_state(cfg, lora_cfg, spec.token_ids)
+  state = initial_state()
   rng = np.random.default_rng(0)
   size = cfg.vision.image_size
   images = jnp.asarray(rng.standard_normal((spec.batch, size, size, 3), np.float32))

@@ -6,10 +6,10 @@ a batch of 224x224 images, every class prompt "a photo of a {name}." re-encoded 
 loss = cross-entropy of 100 * cos(image, text), AdamW (lr 2e-4, weight decay 1e-2) on a cosine
 schedule. Images are synthetic and the same every step: the input pipeline is not measured.
 
-* ours: `training.make_train_step` (one jitted step with donated state), prompts cut by
-  `training.group_prompts` as train.py does (exact: causal text tower pooled at the end token;
-  beyond 250 classes sorted by length into groups, each cut to its own longest prompt); also
-  run with the untrimmed 77-token prompts to show what the trimming buys.
+* ours: `training.make_train_step` (one jitted step with donated state), prompts packed by
+  `prompts.pack_prompts` as train.py does (exact: causal text tower pooled at the end token,
+  each prompt cut there and attending only to itself); also run with the untrimmed 77-token
+  prompts, one per row, to show what the packing buys.
 * peer: `transformers.CLIPModel` in torch (fp32, 2 threads) whose q/k/v projections behave as the
   reference's LoRA layers: frozen base weight and bias, A (r x in, kaiming-uniform a=sqrt(5)),
   B (out x r), dropout on the branch input, and the branch applied through the dense product,
@@ -139,33 +139,42 @@ def time_steps(run_step: Callable[[], None], spec: Spec) -> list[float]:
 
 
 def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "float32",
-                        untrimmed: bool = False) -> tuple[Any, Any, Any, list[list[int]]]:
+                        untrimmed: bool = False, attention: str = "auto"
+                        ) -> tuple[Any, Any, Any, list[list[int]]]:
   """`training.make_train_step` as `train.py` builds it (the recipe's optimizer and schedule,
-  the class prompts grouped by length and trimmed, unless `untrimmed`) for base architecture
-  `cfg` and adapter config `lora_cfg`; a state whose B is small random; the step's `text`; and
-  its prompt groups as [[prompts, tokens], ...]."""
+  the class prompts packed, or one per row at full length if `untrimmed`) for base architecture
+  `cfg` and adapter config `lora_cfg`; a function returning a fresh state whose B is small
+  random (each call the same); the step's `text`; and the prompt work as [[prompts, tokens], ...] (the prompts at their exact lengths, for model
+  FLOPs)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from clip_lora_jax import lora, training  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax import lora, prompts, sharding, training  # pylint: disable=import-outside-toplevel
   from configs import fewshot  # pylint: disable=import-outside-toplevel
 
   config = fewshot.get_config()
   optimizer = training.make_optimizer(config.optimizer, training.total_steps(config))
   ids = np.asarray(token_ids, np.int32)
-  groups, rows = ((ids,), None) if untrimmed else training.group_prompts(
-      ids, training.prompt_groups_for(len(ids)))
+  text = prompts.one_per_row(ids) if untrimmed else prompts.pack_prompts(ids)
+  lengths, counts = np.unique(np.argmax(ids, axis=-1) + 1, return_counts=True)
+  work = ([[len(ids), ids.shape[1]]] if untrimmed
+          else [[int(c), int(n)] for n, c in zip(lengths, counts)])
   step_config = training.StepConfig(cfg, lora_cfg, logit_scale=100.0,
-                                    dtype=training.DTYPES[dtype], class_rows=rows)
-  adapter = lora.init(jax.random.PRNGKey(0), cfg, lora_cfg)
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapter))))
-  adapter = jax.tree.map_with_path(
-      lambda path, x: B_INIT_STD * jax.random.normal(next(keys), x.shape)
-      if path[-1].key == "b" else x, adapter)
-  return (training.make_train_step(step_config, optimizer),
-          training.init_state(0, adapter, optimizer), tuple(jnp.asarray(g) for g in groups),
-          [list(g.shape) for g in groups])
+                                    dtype=training.DTYPES[dtype], attention=attention)
+
+  def initial_state():  # Made on the host CPU as train.py makes it, then put on the device.
+    with sharding.on_host():
+      adapter = lora.init(jax.random.PRNGKey(0), cfg, lora_cfg)
+      keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapter))))
+      adapter = jax.tree.map_with_path(
+          lambda path, x: B_INIT_STD * jax.random.normal(next(keys), x.shape)
+          if path[-1].key == "b" else x, adapter)
+      state = training.init_state(0, adapter, optimizer)
+    return jax.device_put(state, jax.devices()[0])
+
+  return (training.make_train_step(step_config, optimizer), initial_state,
+          jax.tree.map(jnp.asarray, text), work)
 
 
 def run_ours(spec: Spec) -> dict[str, Any]:
@@ -181,8 +190,9 @@ def run_ours(spec: Spec) -> dict[str, Any]:
   params = model.init_params(jax.random.key(0), cfg)
   lora_cfg = lora.LoRAConfig()  # The reference defaults: the peer's constants above.
   assert (lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout) == (LORA_RANK, LORA_ALPHA, LORA_DROPOUT)
-  step, state, text, text_groups = lora_step_and_state(cfg, lora_cfg, spec.token_ids, spec.dtype,
-                                                       untrimmed=spec.impl == "ours77")
+  step, initial_state, text, text_groups = lora_step_and_state(
+      cfg, lora_cfg, spec.token_ids, spec.dtype, untrimmed=spec.impl == "ours77")
+  state = initial_state()
 
   images, labels = (jnp.asarray(x) for x in images_and_labels(spec))
 
@@ -196,7 +206,9 @@ def run_ours(spec: Spec) -> dict[str, Any]:
     jax.block_until_ready((state, metrics))
 
   times = time_steps(run_step, spec)
+  rows, length = text.token_ids.shape
   return {"times": times, "compile_s": compile_s, "text_groups": text_groups,
+          "text_layout": f"{rows}x{length}" + ("" if spec.impl == "ours77" else " packed"),
           "import_rss": import_rss, "trainable": lora.num_parameters(state["lora"]),
           "peak_gflops": matmul_peak_gflops(jnp.dtype(spec.dtype)),
           "versions": {"jax": jax.__version__}}
@@ -278,6 +290,7 @@ def run_peer(spec: Spec) -> dict[str, Any]:
 
   times = time_steps(run_step, spec)
   return {"times": times, "compile_s": None, "text_groups": [list(token_ids.shape)],
+          "text_layout": "x".join(map(str, token_ids.shape)),
           "import_rss": import_rss, "trainable": sum(p.numel() for p in trainable),
           "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
@@ -332,7 +345,7 @@ def report(cfg: Any, spec: Spec, results: dict[str, dict[str, Any]]) -> None:
   label = lambda impl: IMPL_LABELS[impl].format(flags=spec.xla_flags)
   print(f"\n### batch {spec.batch}, {spec.classes} classes, {spec.shape} ({spec.dtype} compute "
         f"for ours; median of {spec.steps} steps after {spec.warmup} warm-up)\n")
-  print("| implementation | prompt tokens | s / iteration (min-max) | images / s | compile s | "
+  print("| implementation | prompt rows x tokens | s / iteration (min-max) | images / s | compile s | "
         "peak RSS GiB | of which imports | trained params | model TFLOP | matmul peak GFLOP/s "
         "| MFU |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -345,8 +358,7 @@ def report(cfg: Any, spec: Spec, results: dict[str, dict[str, Any]]) -> None:
     flops = train_step_flops(cfg, spec.batch, r["text_groups"])
     peak = r.get("peak_gflops")
     mfu = "-" if peak is None else f"{flops / median / (peak * 1e9):.0%}"
-    tokens = "/".join(str(t) for _, t in r["text_groups"])
-    print(f"| {label(impl)} | {tokens} | {median:.3g} ({min(r['times']):.3g}-"
+    print(f"| {label(impl)} | {r['text_layout']} | {median:.3g} ({min(r['times']):.3g}-"
           f"{max(r['times']):.3g}) | {spec.batch / median:.1f} | {compile_s} | "
           f"{gib(r['peak_rss'])} | {gib(r['import_rss'])} | {r['trainable']:,} | "
           f"{flops / 1e12:.3g} | {'-' if peak is None else f'{peak:.0f}'} | {mfu} |")

@@ -37,11 +37,13 @@ def parse_flags_or_exit(argv: list[str], exit_code: int = 2) -> list[str]:
 
 
 def start(argv: list[str]) -> flags.FlagValues:
-  """Checks for stray arguments, applies the measured XLA flags and quiets INFO logging (orbax
-  and TFDS log every step at INFO; `-v 0` brings it back). Returns the parsed flags."""
+  """Checks for stray arguments, applies the measured XLA flags and the persistent compilation
+  cache, and quiets INFO logging (orbax and TFDS log every step at INFO; `-v 0` brings it
+  back). Returns the parsed flags."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   xla_flags.use_fast_cpu_flags()
+  xla_flags.use_compilation_cache()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   return flags.FLAGS

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: a temporary file beside the target, renamed onto it."""
+"""Files written whole or not at all (a temporary file beside the target, renamed onto it), and
+where the library's caches live."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ import safetensors
 import safetensors.numpy
 
 from clip_lora_jax.errors import UserError
+
+CACHE_ENV = "CLIP_LORA_JAX_CACHE"
+
+
+def default_cache_dir() -> str:
+  """`$CLIP_LORA_JAX_CACHE`, else `~/.cache/clip_lora_jax`: decoded data subsets, catalogs,
+  frozen features and compiled programs."""
+  return os.path.expanduser(os.environ.get(CACHE_ENV, "~/.cache/clip_lora_jax"))
 
 
 @contextlib.contextmanager

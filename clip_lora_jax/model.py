@@ -39,6 +39,9 @@ from clip_lora_jax.errors import UserError
 
 Params = Mapping[str, Any]
 LORA_COLLECTION = "lora"
+# CLIP's pixel normalisation (per RGB channel, of values in [0, 1]).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,30 +143,30 @@ quick_gelu.defvjp(_quick_gelu_forward, _quick_gelu_backward)
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# `jax.nn.dot_product_attention` implementations. cuDNN's fused kernel needs a GPU, bf16 / fp16
+# and, to train, even sequence lengths: on jax 0.11.2 it refused ViT-B/16's 197 positions
+# ("Unsupported sequence length Q 197, KV 197", benchmarks/gpu.py on an H200), so XLA's is the
+# default; cuDNN's serves where it applies (ViT-B/32's 50 positions, inference).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
   """How the towers run (not what they are): low-rank scale and dropout, compute dtype, remat,
-  and the attention kernel ('auto': cuDNN's fused attention on GPUs in bf16 / fp16, else XLA's)."""
+  and the attention kernel of the unmasked and plainly causal attention (see
+  ATTENTION_IMPLEMENTATIONS)."""
   activation: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   lora_scale: float = 1.0
   lora_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
-  attention: str = "auto"
+  attention: str = "xla"
 
-  def attention_implementation(self) -> str:
-    """'cudnn' or 'xla' for unmasked (or plainly causal) attention at this runtime's dtype."""
+  def __post_init__(self):
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise UserError(f"attention={self.attention!r}: use one of "
                       f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    if self.attention != "auto":
-      return self.attention
-    low_precision = jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if low_precision and jax.default_backend() == "gpu" else "xla"
 
 
 class Dense(nn.Module):
@@ -259,9 +262,8 @@ class Attention(nn.Module):
     if pool is None:
       q = split(project("q", x))
       if starts is None:
-        out = jax.nn.dot_product_attention(
-            q, k, v, is_causal=self.causal,
-            implementation=self.runtime.attention_implementation())
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                           implementation=self.runtime.attention)
       else:
         out = _segment_causal_attention(q, k, v, starts)
       return project("o", out.reshape(x.shape))
@@ -379,6 +381,8 @@ class VisionTower(nn.Module):
     if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
       raise ValueError(f"images of shape {images.shape[1:]} given to a vision tower that takes "
                        f"({cfg.image_size}, {cfg.image_size}, 3)")
+    if images.dtype == jnp.uint8:
+      images = normalize_pixels(images)
     p = cfg.patch_size
     x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
                 dtype=rt.dtype, name="patch_embedding")(images.astype(rt.dtype))
@@ -437,7 +441,7 @@ class CLIP(nn.Module):
   lora_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
-  attention: str = "auto"
+  attention: str = "xla"
 
   def setup(self):
     cfg = self.config
@@ -450,7 +454,8 @@ class CLIP(nn.Module):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
 
   def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-    """(B, H, W, 3) CLIP-normalised images -> (B, embed_dim) unnormalised float32 embeddings."""
+    """(B, H, W, 3) CLIP-normalised images, or uint8 pixels (normalised here) -> (B, embed_dim)
+    unnormalised float32 embeddings."""
     return self.visual_projection(self.vision(images, deterministic)).astype(jnp.float32)
 
   def encode_text(self, token_ids: jax.Array, deterministic: bool = True,
@@ -465,6 +470,13 @@ class CLIP(nn.Module):
     """Image-text logits exp(logit_scale) * cos(image, text), shape (B, N)."""
     return cosine_logits(self.encode_image(images, deterministic),
                          self.encode_text(token_ids, deterministic), jnp.exp(self.logit_scale))
+
+
+def normalize_pixels(pixels: jax.Array) -> jax.Array:
+  """uint8 RGB pixels -> CLIP-normalised float32 (on the device: a quarter of the bytes to
+  send, and no float work on the host)."""
+  return ((pixels.astype(jnp.float32) / 255.0 - jnp.asarray(CLIP_MEAN, jnp.float32))
+          / jnp.asarray(CLIP_STD, jnp.float32))
 
 
 def normalize(x: jax.Array) -> jax.Array:
@@ -537,7 +549,7 @@ _ENCODER_OPTIONS = ("config", "lora_scale", "lora_dropout", "dtype", "remat", "a
 def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
                   lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                   dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
-                  remat: bool = False, attention: str = "auto") -> jax.Array:
+                  remat: bool = False, attention: str = "xla") -> jax.Array:
   """Image embeddings (unnormalised). Dropout on the low-rank branch runs iff `dropout_rng`."""
   model = CLIP(config, lora_scale, lora_dropout, dtype, remat, attention)
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
@@ -549,7 +561,7 @@ def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
 def encode_texts(params: Params, token_ids: jax.Array, config: CLIPConfig, *,
                  lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                  dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
-                 remat: bool = False, attention: str = "auto", chunk_size: int | None = None,
+                 remat: bool = False, attention: str = "xla", chunk_size: int | None = None,
                  positions: jax.Array | None = None, ends: Pool | None = None) -> jax.Array:
   """Text embeddings (unnormalised) of (N, T) token ids, or of packed prompts (`positions` and
   `ends`: see `TextTower` and `clip_lora_jax.prompts.encode_packed`).

@@ -6,9 +6,9 @@ its end token and places the prompts next to each other in rows of one fixed len
 longest first); the tower runs each row once, every token attending only to the tokens of its
 own prompt (`model.TextTower`). Each embedding equals that of the prompt encoded alone (up to
 float rounding), and the text work is the prompts' total length instead of their count times
-the longest: ImageNet's 1,000 prompts "a photo of a {}." (7 to 20 tokens) fill 175 rows of 64
-positions, where one padded batch would be 1,000 rows of 20. One packed batch also compiles the
-text tower once, whatever the lengths.
+the longest: ImageNet's 1,000 prompts "a photo of a {}." (8 to 18 tokens, 9,165 in all) fill
+147 rows of 64 positions (97% used), where one padded batch is 1,000 rows of 18. One packed
+batch also compiles the text tower once, whatever the lengths.
 """
 
 from __future__ import annotations
@@ -78,6 +78,16 @@ def pack_prompts(token_ids: np.ndarray, row_length: int | None = None,
     positions[row, start:start + length] = np.arange(length)
   ends = place[:, 1] + lengths - 1
   return PackedPrompts(packed_ids, positions, place[:, 0].astype(np.int32), ends.astype(np.int32))
+
+
+def one_per_row(token_ids: np.ndarray) -> PackedPrompts:
+  """(C, T) prompt token ids as they are, one prompt per row and nothing cut (what packing
+  saves is measured against this)."""
+  token_ids = np.asarray(token_ids, np.int32)
+  rows = np.arange(len(token_ids), dtype=np.int32)
+  positions = np.broadcast_to(np.arange(token_ids.shape[1], dtype=np.int32), token_ids.shape)
+  return PackedPrompts(token_ids, np.ascontiguousarray(positions), rows,
+                       np.argmax(token_ids, axis=-1).astype(np.int32))
 
 
 def shard_packed(packed: PackedPrompts, mesh: jax.sharding.Mesh) -> PackedPrompts:

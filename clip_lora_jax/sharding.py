@@ -113,6 +113,13 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[:1], extra, axis=0)]) if extra else x
 
 
+def on_host():
+  """A context in which new arrays live on this host's CPU: small eager set-up computations
+  (an adapter's initialisation) compile there in milliseconds, where an accelerator compiles
+  each small program for a noticeable fraction of a second."""
+  return jax.default_device(jax.local_devices(backend="cpu")[0])
+
+
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
   """Places host arrays identical on every process as replicated global arrays."""
   return jax.device_put(tree, replicated(mesh))

@@ -104,7 +104,7 @@ class StepConfig:
   logit_scale: float = 100.0
   dtype: Any = jnp.float32
   remat: bool = False
-  attention: str = "auto"  # See `model.Runtime`.
+  attention: str = "xla"  # See `model.ATTENTION_IMPLEMENTATIONS`.
 
   @property
   def text_trains(self) -> bool:
@@ -308,10 +308,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     text = _text_input(base, params, prompt_ids, step_config, mesh)
 
     optimizer = make_optimizer(config.optimizer, steps)
-    lora_params = lora.init(jax.random.PRNGKey(config.seed), base.config, lora_config)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    state = sharding.put_replicated(init_state(config.seed, lora_params, optimizer), mesh)
-    state = restore_or(manager, state)
+    with sharding.on_host():
+      state = init_state(config.seed, lora.init(jax.random.PRNGKey(config.seed), base.config,
+                                                lora_config), optimizer)
+    state = restore_or(manager, sharding.put_replicated(state, mesh))
     train_step = make_train_step(step_config, optimizer, mesh)
     batches = data.train_batches(few_shot, batch_size=config.batch_size, image_size=image_size,
                                  seed=config.seed, start_step=int(state["step"]),

@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       weight_decay=1e-2))
 
   c.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters (GPU / TPU).
-  c.attention = "auto"  # Attention kernel: "auto" (cuDNN's fused one on GPUs in bf16), "xla", "cudnn".
+  c.attention = "xla"  # Attention kernel: "xla", or "cudnn" (GPU, bf16; see model.py).
   c.remat = False  # Rematerialise each block in the backward pass (saves activation memory).
   c.fsdp = False  # Shard the frozen base weights over devices (large backbones).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -63,8 +64,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # resumed runs of tests/test_train_e2e.py and tests/test_multiprocess.py repeat these overrides.
 RUNLOCAL_OVERRIDES = ("--config.total_steps=40", "--config.checkpoint_every=10",
                       "--config.eval_every=20", "--config.export_merged=True")
-# The environment of train.py / eval.py subprocesses.
-ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+# The environment of train.py / eval.py subprocesses; their persistent compilation cache is one
+# per test session (never the user's), so runs of the same programs compile them once.
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+       "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="clip_lora_jax_test_compilation_")}
 
 
 def train_cmd(workdir: str, *overrides: str, config_arg: str = "") -> list[str]:

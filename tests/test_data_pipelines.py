@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from clip_lora_jax import data
-from clip_lora_jax.data import preprocessing
+from clip_lora_jax import data, model
+from clip_lora_jax.data import preprocessing, train_input
 from clip_lora_jax.errors import UserError
 
 MEAN = np.asarray(data.CLIP_MEAN, np.float32)
@@ -45,9 +48,12 @@ def few_shot_set(num_images: int = 10) -> data.FewShotSet:
                          np.arange(3, dtype=np.int32), num_images)
 
 
-def test_normalisation_maps_clip_mean_to_zero():
+def test_normalisation_maps_clip_mean_to_zero_on_host_and_device_alike():
   mean_image = tf.constant(np.asarray(data.CLIP_MEAN) * 255.0 * np.ones((2, 2, 3)))
   np.testing.assert_allclose(preprocessing.normalize(mean_image), 0.0, atol=1e-6)
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3)).astype(np.uint8)
+  np.testing.assert_allclose(model.normalize_pixels(pixels), preprocessing.normalize(pixels),
+                             rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(60, 100), (100, 60), (50, 50)])
@@ -69,8 +75,8 @@ def test_eval_preprocessing_matches_pil_resize_and_center_crop(shape):
 def test_random_resized_crop_boxes_respect_scale_ratio_and_bounds():
   height, width = 100, 200
   for i in range(200):
-    top, left, h, w = (int(v) for v in preprocessing.random_resized_crop_box(
-        height, width, tf.constant([7, i], tf.int64)))
+    top, left, h, w = train_input.random_resized_crop_box(height, width,
+                                                          np.random.default_rng([7, i]))
     assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
     scale, ratio = h * w / (height * width), w / h
     assert 0.08 * 0.9 <= scale <= 1.0
@@ -79,16 +85,32 @@ def test_random_resized_crop_boxes_respect_scale_ratio_and_bounds():
 
 def test_random_resized_crop_falls_back_to_central_crop_with_clamped_ratio():
   # No box of at least 8% of a 10 x 1000 image with ratio in [3/4, 4/3] fits in 10 rows.
-  box = preprocessing.random_resized_crop_box(10, 1000, tf.constant([0, 0], tf.int64))
-  assert [int(v) for v in box] == [0, (1000 - 13) // 2, 10, 13]
+  box = train_input.random_resized_crop_box(10, 1000, np.random.default_rng(0))
+  assert box == (0, (1000 - 13) // 2, 10, 13)
+
+
+def test_augmentation_is_pil_crop_then_bicubic_resize_then_flip():
+  """torchvision's order on PIL images: box, crop, bicubic resize, then the flip draw."""
+  image = np.random.default_rng(0).integers(0, 256, (60, 90, 3)).astype(np.uint8)
+  flips = 0
+  for i in range(12):
+    out = train_input.augment(image, 24, np.random.default_rng([1, i]))
+    rng = np.random.default_rng([1, i])
+    top, left, h, w = train_input.random_resized_crop_box(60, 90, rng)
+    expected = np.asarray(Image.fromarray(image[top:top + h, left:left + w]).resize(
+        (24, 24), Image.BICUBIC))
+    if rng.random() < 0.5:
+      expected, flips = expected[:, ::-1], flips + 1
+    assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+  assert 0 < flips < 12
 
 
 def test_train_augmentation_flips_half_of_the_gradients_and_keeps_them_monotonic():
-  image = tf.constant(gradient())
+  image = gradient()
   flipped = 0
   for i in range(40):
-    out = to_pixels(preprocessing.train_preprocess(image, 32, tf.constant([3, i], tf.int64))
-                    .numpy())
+    out = train_input.augment(image, 32, np.random.default_rng([3, i])).astype(np.float32)
     assert out.shape == (32, 32, 3)
     steps = np.diff(out[16, :, 0])
     assert np.all(steps > -1.0) or np.all(steps < 1.0)  # monotonic up to resampling ripple
@@ -100,10 +122,9 @@ def test_train_augmentation_flips_half_of_the_gradients_and_keeps_them_monotonic
 
 def test_train_augmentation_crops_a_subrange_of_the_gradient():
   # A crop of scale >= 0.08 at ratio <= 4/3 spans at least sqrt(0.08 * 3/4) of the width.
-  image = tf.constant(gradient(64, 64))
+  image = gradient(64, 64)
   for i in range(20):
-    out = to_pixels(preprocessing.train_preprocess(image, 32, tf.constant([5, i], tf.int64))
-                    .numpy())
+    out = train_input.augment(image, 32, np.random.default_rng([5, i])).astype(np.float32)
     span = abs(out[16, -1, 0] - out[16, 0, 0])
     assert 0.2 * 63 * 4 <= span + 8 and span <= 63 * 4 + 8
 
@@ -116,7 +137,7 @@ def test_train_batches_shapes_and_epochs_cover_every_image_once():
   few = few_shot_set(10)
   batches = take(data.train_batches(few, batch_size=5, image_size=16, seed=1), 4)
   for batch in batches:
-    assert batch["image"].shape == (5, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (5, 16, 16, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (5,) and batch["label"].dtype == np.int32
   first_epoch = np.concatenate([b["label"] for b in batches[:2]])
   second_epoch = np.concatenate([b["label"] for b in batches[2:]])
@@ -124,7 +145,7 @@ def test_train_batches_shapes_and_epochs_cover_every_image_once():
   assert list(first_epoch) != list(second_epoch)  # reshuffled each epoch
   # The image is the labelled one: solid value 20 * label survives any crop and flip.
   for batch in batches:
-    np.testing.assert_allclose(to_pixels(batch["image"]).mean(axis=(1, 2, 3)),
+    np.testing.assert_allclose(batch["image"].mean(axis=(1, 2, 3)),
                                20.0 * batch["label"], atol=0.5)
 
 
@@ -153,6 +174,23 @@ def test_resuming_at_a_step_yields_the_uninterrupted_batches():
   for a, b in zip(uninterrupted[4:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_batches_do_not_depend_on_the_worker_threads():
+  few = few_shot_set(5)
+  one = take(data.train_batches(few, batch_size=4, image_size=16, seed=2, workers=1), 3)
+  many = take(data.train_batches(few, batch_size=4, image_size=16, seed=2, workers=3), 3)
+  for a, b in zip(one, many):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_the_train_step_and_its_input_import_without_tensorflow():
+  """The GPU machines of some clusters have JAX but no TensorFlow: only reading datasets needs it."""
+  code = ("import sys; import clip_lora_jax.training, clip_lora_jax.data; "
+          "clip_lora_jax.data.train_batches; "
+          "assert not {'tensorflow', 'tensorflow_datasets'} & set(sys.modules), 'imported'")
+  subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_process_slices_concatenate_to_the_global_batch():

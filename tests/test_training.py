@@ -181,8 +181,7 @@ def test_packed_prompts_give_the_unpacked_loss_and_gradients():
     new_state, metrics = step(jax.tree.map(jnp.copy, state), base, images, labels, text)
     return new_state["lora"], float(metrics["loss"])
 
-  plain = one_step(prompts.PackedPrompts(*map(jnp.asarray, (
-      ids, np.broadcast_to(np.arange(12), ids.shape), np.arange(7), ends))))
+  plain = one_step(prompts.one_per_row(ids))
   packed = one_step(jax.tree.map(jnp.asarray, packed))
   assert packed[1] == pytest.approx(plain[1], rel=1e-6)
   for x, y, a in zip(jax.tree.leaves(packed[0]), jax.tree.leaves(plain[0]),

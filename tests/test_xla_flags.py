@@ -22,3 +22,15 @@ def test_no_flags_for_other_jaxlib_versions(monkeypatch):
   monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.0")
   env = {}
   assert xla_flags.use_fast_cpu_flags(env) == () and env == {}
+
+
+def test_compilation_cache_defaults_under_the_library_cache_and_user_settings_win(monkeypatch):
+  monkeypatch.setenv("CLIP_LORA_JAX_CACHE", "/somewhere/cache")
+  env = {}
+  assert xla_flags.use_compilation_cache(env) == "/somewhere/cache/jax_compilation"
+  assert env == {"JAX_COMPILATION_CACHE_DIR": "/somewhere/cache/jax_compilation",
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  user = {"JAX_COMPILATION_CACHE_DIR": "/mine", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "2"}
+  assert xla_flags.use_compilation_cache(user) == "/mine"
+  assert user == {"JAX_COMPILATION_CACHE_DIR": "/mine",
+                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "2"}

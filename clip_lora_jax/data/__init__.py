@@ -7,16 +7,28 @@
 
 Prepare a dataset (and see what a manual download needs) with
 `python -m clip_lora_jax.data prepare NAME`; `python -m clip_lora_jax.data info NAME` shows it.
+
+Names load their module on first use: TensorFlow and TFDS, needed to read datasets, are imported
+only then, and the training input (`FewShotSet`, `train_batches`) never needs them.
 """
 
-from clip_lora_jax.data.fewshot import FewShotSet, load_few_shot
-from clip_lora_jax.data.pipelines import eval_batches, few_shot_eval_batches, train_batches
-from clip_lora_jax.data.preprocessing import CLIP_MEAN, CLIP_STD, preprocess_for_eval
-from clip_lora_jax.data.registry import DATASET_NAMES, DEFAULT_TEMPLATE, DatasetSpec, get_dataset
-from clip_lora_jax.data.splits import num_examples
+import importlib
 
-__all__ = [
-    "CLIP_MEAN", "CLIP_STD", "DATASET_NAMES", "DEFAULT_TEMPLATE", "DatasetSpec", "FewShotSet",
-    "eval_batches", "few_shot_eval_batches", "get_dataset", "load_few_shot", "num_examples",
-    "preprocess_for_eval", "train_batches",
-]
+_MODULES = {
+    "FewShotSet": "train_input", "train_batches": "train_input",
+    "load_few_shot": "fewshot",
+    "eval_batches": "pipelines", "few_shot_eval_batches": "pipelines",
+    "preprocess_for_eval": "preprocessing", "CLIP_MEAN": "preprocessing",
+    "CLIP_STD": "preprocessing",
+    "DATASET_NAMES": "registry", "DEFAULT_TEMPLATE": "registry", "DatasetSpec": "registry",
+    "get_dataset": "registry",
+    "num_examples": "splits",
+}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+  if name not in _MODULES:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)

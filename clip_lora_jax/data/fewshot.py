@@ -17,7 +17,6 @@ a rename, so concurrent runs never read half a file.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -27,28 +26,12 @@ import tensorflow as tf
 
 from clip_lora_jax.data import preprocessing, source, splits
 from clip_lora_jax.data.registry import DatasetSpec
+from clip_lora_jax.data.train_input import FewShotSet
 from clip_lora_jax.errors import UserError
 
 MAX_VAL_SHOTS = 4
 # Bump when the sampling changes, so that stale caches are not reused.
 _SAMPLER_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class FewShotSet:
-  """A K-shot training set and its validation shots.
-
-  Attributes:
-    images: encoded images (JPEG / PNG bytes as TFDS stores them), decoded by the pipelines.
-    labels: int32 benchmark labels of `images`.
-    val_images, val_labels: the validation shots, disjoint from the training ones.
-    num_classes: number of benchmark classes.
-  """
-  images: list[bytes]
-  labels: np.ndarray
-  val_images: list[bytes]
-  val_labels: np.ndarray
-  num_classes: int
 
 
 def sample_shots(labels: np.ndarray, class_names: Sequence[str], shots: int,

@@ -1,9 +1,4 @@
-"""Train and eval batches as numpy dicts, from tf.data pipelines.
-
-Train batches are a pure function of (seed, step): sample position p = step * batch_size + row
-belongs to epoch p // n, whose order is a shuffle seeded by (seed, epoch), and its augmentation
-is seeded by (seed, p). Resuming at a step, or computing only some rows of a batch on
-another host, therefore gives exactly the batches of one uninterrupted single-host run.
+"""Eval batches as numpy dicts, from tf.data pipelines (training batches: `train_input`).
 
 Eval batches visit every example of a benchmark split once. With P processes each takes a
 contiguous 1/P of the examples and yields batch_size / P rows per batch; every process yields
@@ -19,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from clip_lora_jax.data import preprocessing, source, splits
-from clip_lora_jax.data.fewshot import FewShotSet
+from clip_lora_jax.data.train_input import FewShotSet, local_rows
 from clip_lora_jax.data.registry import DatasetSpec
 from clip_lora_jax.errors import UserError
 
@@ -28,68 +23,6 @@ Batch = dict[str, np.ndarray]
 
 def _ceil_div(a: int, b: int) -> int:
   return -(-a // b)
-
-
-def _local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """This process's rows [start, end) of every global batch."""
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise UserError(f"process_index {process_index} is not in [0, process_count = {process_count})")
-  if batch_size < 1 or batch_size % process_count:
-    raise UserError(f"batch size {batch_size} must be positive and divisible by the process "
-                    f"count {process_count}")
-  local = batch_size // process_count
-  return process_index * local, (process_index + 1) * local
-
-
-def train_positions(num_examples: int, batch_size: int, seed: int, start_step: int,
-                    rows: tuple[int, int]) -> tf.data.Dataset:
-  """(sample position, example index) of rows [start, end) of batches start_step, start_step+1...
-
-  Epoch e visits the examples in the order of a stateless shuffle seeded by (seed, e); epochs
-  follow each other and are cut into batches regardless of epoch boundaries.
-  """
-  first = start_step * batch_size
-
-  def epoch_order(epoch):
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(num_examples, dtype=tf.int64), tf.stack([tf.constant(seed, tf.int64), epoch]))
-    return tf.data.Dataset.from_tensor_slices(order)
-
-  indices = tf.data.Dataset.counter(first // num_examples).flat_map(epoch_order)
-  positions = tf.data.Dataset.zip((tf.data.Dataset.counter(first),
-                                   indices.skip(first % num_examples)))
-
-  def mine(position, index):
-    row = position % batch_size
-    return (row >= rows[0]) & (row < rows[1])
-  return positions.filter(mine)
-
-
-def train_batches(few: FewShotSet, batch_size: int = 32, image_size: int = 224, seed: int = 1,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[Batch]:
-  """Endless augmented training batches {"image": float32 (B/P, S, S, 3), "label": int32 (B/P,)}.
-
-  Batch k (counting from 0) is the same whatever `start_step` the iterator started from, and
-  process i of P gets its rows [i * B / P, (i + 1) * B / P).
-  """
-  if not few.images:
-    raise UserError("the few-shot set is empty: no class has training examples")
-  if seed < 0 or start_step < 0:
-    raise UserError(f"seed and start_step must be >= 0, got {seed} and {start_step}")
-  rows = _local_rows(batch_size, process_index, process_count)
-  images = tf.constant(few.images, tf.string)
-  labels = tf.constant(few.labels, tf.int32)
-  positions = train_positions(len(few.images), batch_size, seed, start_step, rows)
-
-  def example(position, index):
-    image = preprocessing.decode_image(tf.gather(images, index))
-    augment_seed = tf.stack([tf.constant(seed, tf.int64), position])
-    return {"image": preprocessing.train_preprocess(image, image_size, augment_seed),
-            "label": tf.gather(labels, index)}
-
-  ds = positions.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(rows[1] - rows[0], drop_remainder=True).prefetch(2).as_numpy_iterator()
 
 
 def _padded_batches(images_and_labels: tf.data.Dataset, count: int, local_batch: int,
@@ -126,7 +59,7 @@ def _process_eval_batches(count: int, encoded_part: Callable[[int, int], tf.data
   """Eval batches of `count` examples spread over processes: process i reads its contiguous
   part [start, end) through `encoded_part(start, end)` ((encoded image, label) pairs) and pads it
   with masked rows to the batch count that every process yields."""
-  rows = _local_rows(batch_size, process_index, process_count)
+  rows = local_rows(batch_size, process_index, process_count)
   local_batch = rows[1] - rows[0]
   start = process_index * count // process_count
   end = (process_index + 1) * count // process_count

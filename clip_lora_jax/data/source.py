@@ -20,15 +20,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from clip_lora_jax import files
+from clip_lora_jax.files import CACHE_ENV, default_cache_dir  # noqa: F401  (re-exported)
 from clip_lora_jax.data.registry import DatasetSpec
 from clip_lora_jax.errors import UserError
-
-CACHE_ENV = "CLIP_LORA_JAX_CACHE"
-
-
-def default_cache_dir() -> str:
-  """`$CLIP_LORA_JAX_CACHE`, else `~/.cache/clip_lora_jax`."""
-  return os.path.expanduser(os.environ.get(CACHE_ENV, "~/.cache/clip_lora_jax"))
 
 
 def builder(spec: DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
