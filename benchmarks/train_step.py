@@ -139,7 +139,7 @@ def time_steps(run_step: Callable[[], None], spec: Spec) -> list[float]:
 
 
 def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "float32",
-                        untrimmed: bool = False, attention: str = "auto"
+                        untrimmed: bool = False, attention: str = "xla"
                         ) -> tuple[Any, Any, Any, list[list[int]]]:
   """`training.make_train_step` as `train.py` builds it (the recipe's optimizer and schedule,
   the class prompts packed, or one per row at full length if `untrimmed`) for base architecture
