@@ -54,6 +54,9 @@ def test_train_writes_adapter_metrics_results_and_eval_agrees(runlocal_run):
 
   adapter = read_adapter(workdir)
   assert adapter.base_name == "tiny" and adapter.config == lora.LoRAConfig()
+  # Mock EuroSAT without a split file: the numpy sampler, recorded with the run.
+  assert json.load(open(os.path.join(workdir, "config.json")))["sampler"] == "numpy"
+  assert adapter.few_shot == {"dataset": "eurosat", "shots": 2, "seed": 1, "sampler": "numpy"}
   assert any(np.any(leaf) for leaf in jax.tree.leaves(adapter.lora))  # B moved off zero.
   # The merged export is a Hugging Face checkpoint that transformers loads.
   assert isinstance(transformers.CLIPModel.from_pretrained(os.path.join(workdir, "merged")),
@@ -124,6 +127,8 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, runlocal_run):
     ("--config.lora.matrices=q,x", "lora.matrices"),
     ("--config.method=llu", "start from configs/llu.py"),
     ("--config.method=dora", "config.method='dora': use one of lora, block_lora, llu"),
+    ("--config.sampler=reference", "sampler='reference' needs the protocol's split file for "
+                                   "eurosat"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, override, message):
   workdir = str(tmp_path / "run")

@@ -13,10 +13,11 @@ from clip_lora_jax.data.fewshot import FewShotSet, load_few_shot
 from clip_lora_jax.data.pipelines import eval_batches, few_shot_eval_batches, train_batches
 from clip_lora_jax.data.preprocessing import CLIP_MEAN, CLIP_STD, preprocess_for_eval
 from clip_lora_jax.data.registry import DATASET_NAMES, DEFAULT_TEMPLATE, DatasetSpec, get_dataset
+from clip_lora_jax.data.sampling import SAMPLERS, resolve_sampler
 from clip_lora_jax.data.splits import num_examples
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DATASET_NAMES", "DEFAULT_TEMPLATE", "DatasetSpec", "FewShotSet",
-    "eval_batches", "few_shot_eval_batches", "get_dataset", "load_few_shot", "num_examples",
-    "preprocess_for_eval", "train_batches",
+    "SAMPLERS", "eval_batches", "few_shot_eval_batches", "get_dataset", "load_few_shot",
+    "num_examples", "preprocess_for_eval", "resolve_sampler", "train_batches",
 ]
