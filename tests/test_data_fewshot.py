@@ -303,6 +303,8 @@ def test_split_file_needs_file_names_in_tfds(data_dir, tmp_path):
   split_file = write_split_file(tmp_path / "s.json", {"train": [], "val": [], "test": []})
   with pytest.raises(UserError, match="keeps no file names"):
     splits.benchmark_split(toy_spec(file_key=None), "train", data_dir, split_file)
+  with pytest.raises(UserError, match="keeps no file names"):  # the reference sampler's default
+    sampling.choose(toy_spec(file_key=None), 1, 0, data_dir, split_file)
 
 
 def test_unprepared_dataset_says_which_command_to_run(tmp_path):

@@ -127,8 +127,6 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, runlocal_run):
     ("--config.lora.matrices=q,x", "lora.matrices"),
     ("--config.method=llu", "start from configs/llu.py"),
     ("--config.method=dora", "config.method='dora': use one of lora, block_lora, llu"),
-    ("--config.sampler=reference", "sampler='reference' needs the protocol's split file for "
-                                   "eurosat"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, override, message):
   workdir = str(tmp_path / "run")
