@@ -229,12 +229,14 @@ def base_fingerprint(params: Params) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-  """An adapter with what it takes to apply it: its config and the identity of its base."""
+  """An adapter with what it takes to apply it: its config and the identity of its base; and
+  `few_shot`, the data a run trained it on (`few_shot_metadata`), None where not recorded."""
   lora: Params
   config: LoRAConfig
   base_name: str
   base_config: CLIPConfig
   base_fingerprint: str
+  few_shot: dict[str, Any] | None = None
 
 
 def save_adapter(path: str, adapter: Adapter) -> None:
@@ -244,7 +246,8 @@ def save_adapter(path: str, adapter: Adapter) -> None:
   """
   metadata = {"format": FORMAT, "method": adapter.config.method,
               "lora_config": json.dumps(adapter.config.to_dict()),
-              **base_metadata(adapter.base_name, adapter.base_config, adapter.base_fingerprint)}
+              **base_metadata(adapter.base_name, adapter.base_config, adapter.base_fingerprint),
+              **few_shot_metadata(adapter.few_shot)}
   flat = {k: np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(adapter.lora, sep=".").items()}
   files.write_safetensors(path, flat, metadata)
@@ -261,7 +264,8 @@ def load_adapter(path: str) -> Adapter:
   lora = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="."))
   expected = jax.eval_shape(lambda key: init(key, base_config, config), jax.random.key(0))
   check_matches(lora, expected, what=f"adapter {path!r}")
-  return Adapter(lora, config, base_name, base_config, fingerprint)
+  return Adapter(lora, config, base_name, base_config, fingerprint,
+                 few_shot_from_metadata(metadata))
 
 
 def base_metadata(base_name: str, base_config: CLIPConfig, fingerprint: str) -> dict[str, str]:
@@ -274,6 +278,17 @@ def base_from_metadata(metadata: dict[str, str]) -> tuple[str, CLIPConfig, str]:
   """The inverse of `base_metadata`: (name, architecture, fingerprint)."""
   return (metadata["base_name"], config_from_dict(json.loads(metadata["base_config"])),
           metadata["base_fingerprint"])
+
+
+def few_shot_metadata(few_shot: dict[str, Any] | None) -> dict[str, str]:
+  """What an adapter file records of the few-shot data it was trained on (every method's files):
+  a run's dataset, shots, seed and sampler (`training.Run.few_shot`); nothing when unknown."""
+  return {} if few_shot is None else {"few_shot": json.dumps(few_shot, sort_keys=True)}
+
+
+def few_shot_from_metadata(metadata: dict[str, str]) -> dict[str, Any] | None:
+  """The inverse of `few_shot_metadata` (None for a file that records none)."""
+  return json.loads(metadata["few_shot"]) if "few_shot" in metadata else None
 
 
 def check_matches(lora: Params, expected: Params, what: str) -> None:

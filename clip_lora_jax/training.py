@@ -248,6 +248,12 @@ class Run:
     """This process's rows of a batch -> the global batch, sharded over the mesh."""
     return sharding.global_batch(self.mesh, batch)
 
+  @property
+  def few_shot(self) -> dict[str, Any]:
+    """The few-shot data of the run, as its adapter file records them."""
+    c = self.config
+    return {"dataset": self.spec.name, "shots": c.shots, "seed": c.seed, "sampler": c.sampler}
+
   def test_accuracy(self, logits_fn: Callable[[jax.Array], jax.Array]) -> dict[str, float]:
     """Top-1 / top-5 of `logits_fn` on the dataset's test split (progress bar on process 0)."""
     c = self.config
@@ -274,15 +280,18 @@ class Run:
 
 def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Checks the config, makes the device mesh, loads the base model and the dataset spec, and
-  records the config in the workdir: the start every method's `train_and_evaluate` shares."""
+  records the config in the workdir: the start every method's `train_and_evaluate` shares.
+  `config.sampler` is set to the few-shot sampler the run uses (`data.resolve_sampler`)."""
   validate(config)
+  spec = data.get_dataset(config.dataset)
+  with config.unlocked():
+    config.sampler = data.resolve_sampler(spec, config.split_file, config.get("sampler"))
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh()
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh)
   run = Run(config, workdir, mesh, total_steps(config),
-            base_lib.load_base_model(config.model, config.random_init, config.seed),
-            data.get_dataset(config.dataset))
+            base_lib.load_base_model(config.model, config.random_init, config.seed), spec)
   if run.lead:
     files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
   return run
@@ -303,7 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   with data_context(config):
     few_shot = data.load_few_shot(spec, config.shots, config.seed, data_dir=config.data_dir,
-                                  split_file=config.split_file, cache_dir=config.cache_dir)
+                                  split_file=config.split_file, cache_dir=config.cache_dir,
+                                  sampler=config.sampler)
     prompt_ids = prompts.class_prompt_ids(base.tokenizer, spec.class_names, config.template)
     text = _text_input(base, params, prompt_ids, step_config, mesh)
 
@@ -335,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   learning_rate_schedule(config.optimizer, steps), steps,
                   desc=f"{spec.name} {config.shots}-shot", validation=validation)
       adapter = lora.Adapter(jax.device_get(state["lora"]), lora_config, base.name, base.config,
-                             base.fingerprint)
+                             base.fingerprint, run.few_shot)
       if run.lead:
         lora.save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
         if config.export_merged:

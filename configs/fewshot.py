@@ -30,6 +30,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mock_examples = 64
   c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir.
   c.split_file = ml_collections.config_dict.placeholder(str)  # split_zhou_<Dataset>.json.
+  # Few-shot sampler: "reference" (the official code's images for this seed: with a split file,
+  # and for ImageNet and FGVC-Aircraft) or "numpy"; unset: "reference" wherever it applies. The
+  # run records the one it used (config.json, adapter).
+  c.sampler = ml_collections.config_dict.placeholder(str)
   c.cache_dir = ml_collections.config_dict.placeholder(str)  # Decoded few-shot subsets.
 
   c.lora = ml_collections.ConfigDict(dict(

@@ -6,17 +6,19 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from clip_lora_jax import data
+from clip_lora_jax import data, files
 from clip_lora_jax.data import __main__ as cli
-from clip_lora_jax.data import source
+from clip_lora_jax.data import sampling, source
 from clip_lora_jax.data.builders import fgvc_aircraft, ucf101_frames
 from clip_lora_jax.errors import UserError
+from tests import reference_sampling
 
 AIRCRAFT = {"train": [("0000001", "707-320"), ("0000002", "F/A-18"), ("0000003", "Cessna 172")],
             "val": [("0000004", "707-320"), ("0000005", "F/A-18")],
@@ -29,7 +31,7 @@ UCF_TEST = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "YoYo/v_YoYo_g01_c01.
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
-  monkeypatch.setenv(source.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "cache"))
 
 
 def jpeg(value: int, size=(12, 16)) -> bytes:
@@ -38,10 +40,12 @@ def jpeg(value: int, size=(12, 16)) -> bytes:
   return buffer.getvalue()
 
 
-def make_aircraft_archive(manual_dir, variants: list[str]) -> None:
-  """`fgvc-aircraft-2013b.tar.gz` laid out as the official archive, with 7 images."""
+def make_aircraft_archive(manual_dir, variants: list[str],
+                          lists: dict[str, list[tuple[str, str]]] = AIRCRAFT) -> None:
+  """`fgvc-aircraft-2013b.tar.gz` laid out as the official archive, with the images of `lists`
+  (split -> (image id, variant) lines)."""
   files = {"variants.txt": "\n".join(variants) + "\n"}
-  for split, examples in AIRCRAFT.items():
+  for split, examples in lists.items():
     files[f"images_variant_{split}.txt"] = "".join(f"{i} {v}\n" for i, v in examples)
   os.makedirs(manual_dir, exist_ok=True)
   with tarfile.open(os.path.join(manual_dir, fgvc_aircraft.ARCHIVE), "w:gz") as archive:
@@ -51,9 +55,9 @@ def make_aircraft_archive(manual_dir, variants: list[str]) -> None:
       archive.addfile(info, io.BytesIO(content))
     for name, text in files.items():
       add(name, text.encode())
-    for examples in AIRCRAFT.values():
+    for examples in lists.values():
       for image_id, _ in examples:
-        add(f"images/{image_id}.jpg", jpeg(int(image_id) * 30))
+        add(f"images/{image_id}.jpg", jpeg(int(image_id) * 30 % 256))
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -102,6 +106,72 @@ def test_aircraft_builder_also_takes_the_extracted_archive(tmp_path):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
   assert {s: builder.info.splits[s].num_examples for s in ("train", "validation", "test")} == {
       "train": 3, "validation": 2, "test": 2}
+
+
+def shuffled_aircraft_lists() -> dict[str, list[tuple[str, str]]]:
+  """Official-style lists whose order is neither by image id nor by variant: train 14 / 9 / 3
+  images of three variants interleaved, val 5 / 2 / 0, test 1 / 1 / 1."""
+  rng = np.random.default_rng(0)
+  ids = iter(f"{i:07d}" for i in rng.choice(10**7, 40, replace=False))
+  lists = {}
+  for split, counts in (("train", (14, 9, 3)), ("val", (5, 2, 0)), ("test", (1, 1, 1))):
+    variants = np.repeat(["Cessna 172", "707-320", "F/A-18"], counts)
+    lists[split] = [(next(ids), str(v)) for v in rng.permutation(variants)]
+  return lists
+
+
+def test_aircraft_keeps_its_lists_order_and_the_reference_sampler_draws_from_it(tmp_path, capsys):
+  lists = shuffled_aircraft_lists()
+  manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  make_aircraft_archive(manual, fgvc_aircraft.variant_names(), lists)
+  builder = tfds.builder("fgvc_aircraft", data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual, num_shards=3))
+  spec = data.get_dataset("fgvc_aircraft")
+  for split, name in (("train", "train"), ("validation", "val")):
+    names = source.catalog(spec, builder, split, None).file_names
+    assert [n.decode() for n in names] == [f"{i}.jpg" for i, _ in lists[name]]
+
+  label = {variant: i for i, variant in enumerate(spec.class_names)}
+  items = {role: [(f"{i}.jpg", label[v]) for i, v in lists[role]] for role in ("train", "val")}
+  for shots in (1, 2, 4, 8, 16):
+    for seed in (1, 2, 3):
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short classes on purpose
+        choice = sampling.choose(spec, shots, seed, data_dir)
+      expected = reference_sampling.lists_draw(items["train"], items["val"], shots, seed)
+      assert choice.sampler == "reference"
+      assert [n.decode() for n in choice.train.file_name] == expected["train"], (shots, seed)
+      assert [n.decode() for n in choice.val.file_name] == expected["val"], (shots, seed)
+
+  code, out, _ = run_cli(capsys, "info", "fgvc_aircraft", "--data_dir", data_dir, "--shots", "2",
+                         "--seed", "3", "--list")
+  expected = reference_sampling.lists_draw(items["train"], items["val"], 2, 3)
+  path_label = dict(items["train"] + items["val"])
+  listed = [f"{role}\t{path_label[path]}\t{path}" for role in ("val", "train")
+            for path in expected[role]]
+  assert code == 0 and "train: 26 examples" in out
+  assert ("  2-shot, seed 3: sampler reference (the reference code's choice), 6 train and 4 val "
+          "images\n" + "\n".join(listed) + "\n") in out
+
+
+def test_info_lists_the_numpy_choice_and_refuses_list_without_shots(tmp_path, capsys):
+  manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  make_aircraft_archive(manual, fgvc_aircraft.variant_names())
+  tfds.builder("fgvc_aircraft", data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  code, out, _ = run_cli(capsys, "info", "fgvc_aircraft", "--data_dir", data_dir, "--shots", "1",
+                         "--sampler", "numpy", "--list")
+  lines = out.splitlines()
+  assert code == 0 and "  1-shot, seed 1: sampler numpy (not the reference's choice), 3 train " \
+      "and 2 val images" in lines
+  assert sorted(line for line in lines if line.startswith(("val\t", "train\t"))) == [
+      "train\t0\t0000001.jpg", "train\t47\t0000003.jpg", "train\t73\t0000002.jpg",
+      "val\t0\t0000004.jpg", "val\t73\t0000005.jpg"]
+  code, out, err = run_cli(capsys, "info", "fgvc_aircraft", "--data_dir", data_dir, "--list")
+  assert code == 2 and "--seed, --sampler and --list need --shots" in err
+  code, out, err = run_cli(capsys, "info", "fgvc_aircraft", "--data_dir", data_dir, "--shots", "0")
+  assert code == 2 and out == "" and err.startswith("error: few-shot fgvc_aircraft: shots must be")
 
 
 def test_aircraft_archive_of_another_release_is_refused(tmp_path):

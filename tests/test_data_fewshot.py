@@ -2,13 +2,16 @@
 
 `tfds.testing.mock_data` ignores splits and slicing, so this file prepares a tiny TFDS dataset
 whose every image is a solid colour encoding its example id: any image read back, in a few-shot
-set or an eval batch, tells exactly which example it is.
+set or an eval batch, tells exactly which example it is. The reference sampler is checked against
+an independent implementation of the reference code's draw (`tests/reference_sampling.py`), on
+split files of several shapes and on an ImageNet-like folder.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import warnings
 
@@ -17,21 +20,24 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from clip_lora_jax import data
-from clip_lora_jax.data import source, splits
-from clip_lora_jax.data.registry import Carve, DatasetSpec
+from clip_lora_jax import data, files
+from clip_lora_jax.data import sampling, source, splits
+from clip_lora_jax.data.registry import IMAGE_FOLDER, Carve, DatasetSpec
 from clip_lora_jax.errors import UserError
+from tests import reference_sampling
 
 CLASSES = ("zero", "one", "two", "three", "four")
 TRAIN_COUNTS = (12, 10, 9, 8, 3)  # class "four" is short
+WIDE_TRAIN_COUNTS = (40, 3, 25, 17, 2)  # config `wide`: enough for 16 shots, and short classes
 TEST_COUNTS = (3, 4, 5, 2, 3)  # 17 examples
 TEST_ID_BASE = 1000
 CORRUPT_ID = 5
 
 
-def toy_examples(split: str) -> list[tuple[int, int, str]]:
+def toy_examples(split: str, config: str = "clean") -> list[tuple[int, int, str]]:
   """(example id, label, file name) of a toy split; ids are unique across splits."""
-  counts, base = (TRAIN_COUNTS, 0) if split == "train" else (TEST_COUNTS, TEST_ID_BASE)
+  train_counts = WIDE_TRAIN_COUNTS if config == "wide" else TRAIN_COUNTS
+  counts, base = (train_counts, 0) if split == "train" else (TEST_COUNTS, TEST_ID_BASE)
   examples = []
   for label, count in enumerate(counts):
     for _ in range(count):
@@ -48,26 +54,34 @@ def toy_png(example_id: int) -> bytes:
   return buffer.getvalue()
 
 
+def toy_info(builder: tfds.core.DatasetBuilder, class_names: tuple[str, ...]
+             ) -> tfds.core.DatasetInfo:
+  """The features of the test builders: a PNG image, its label and its file name."""
+  return tfds.core.DatasetInfo(builder=builder, features=tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+      "label": tfds.features.ClassLabel(names=class_names),
+      "file_name": tfds.features.Text(),
+  }))
+
+
 class ClipLoraJaxToy(tfds.core.GeneratorBasedBuilder):
-  """5 classes, splits train (42) and test (17); config `corrupt` damages train image 5."""
+  """5 classes, splits train (42) and test (17); config `corrupt` damages train image 5, config
+  `wide` has 87 train images (`WIDE_TRAIN_COUNTS`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="clean"),
-                     tfds.core.BuilderConfig(name="corrupt")]
+                     tfds.core.BuilderConfig(name="corrupt"),
+                     tfds.core.BuilderConfig(name="wide")]
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-        "label": tfds.features.ClassLabel(names=CLASSES),
-        "file_name": tfds.features.Text(),
-    }))
+    return toy_info(self, CLASSES)
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(split) for split in ("train", "test")}
 
   def _generate_examples(self, split):
     corrupt = self.builder_config.name == "corrupt"
-    for example_id, label, file_name in toy_examples(split):
+    for example_id, label, file_name in toy_examples(split, self.builder_config.name):
       image = b"not an image" if corrupt and example_id == CORRUPT_ID else toy_png(example_id)
       yield file_name, {"image": image, "label": label, "file_name": file_name}
 
@@ -83,9 +97,9 @@ def toy_spec(config: str = "clean", **overrides) -> DatasetSpec:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-  """A TFDS data dir with both toy configs prepared, in 3 shards per split."""
+  """A TFDS data dir with the toy configs prepared, in 3 shards per split."""
   directory = str(tmp_path_factory.mktemp("tfds"))
-  for config in ("clean", "corrupt"):
+  for config in ("clean", "corrupt", "wide"):
     tfds.builder(f"clip_lora_jax_toy/{config}", data_dir=directory).download_and_prepare(
         download_config=tfds.download.DownloadConfig(num_shards=3))
   return directory
@@ -94,7 +108,7 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch) -> str:
   directory = str(tmp_path / "cache")
-  monkeypatch.setenv(source.CACHE_ENV, directory)
+  monkeypatch.setenv(files.CACHE_ENV, directory)
   return directory
 
 
@@ -289,6 +303,8 @@ def test_split_file_needs_file_names_in_tfds(data_dir, tmp_path):
   split_file = write_split_file(tmp_path / "s.json", {"train": [], "val": [], "test": []})
   with pytest.raises(UserError, match="keeps no file names"):
     splits.benchmark_split(toy_spec(file_key=None), "train", data_dir, split_file)
+  with pytest.raises(UserError, match="keeps no file names"):  # the reference sampler's default
+    sampling.choose(toy_spec(file_key=None), 1, 0, data_dir, split_file)
 
 
 def test_unprepared_dataset_says_which_command_to_run(tmp_path):
@@ -313,3 +329,190 @@ def test_corrupt_images_are_a_clear_error(data_dir):
   as_test = toy_spec("corrupt", splits={"train": ("test",), "test": ("train",)})
   with pytest.raises(UserError, match="does not decode"):
     list(data.eval_batches(as_test, "test", batch_size=8, image_size=8, data_dir=data_dir))
+
+
+def test_sampler_defaults_to_the_reference_where_it_can_be_reproduced():
+  resolve, get = sampling.resolve_sampler, data.get_dataset
+  assert resolve(get("imagenet"), None, None) == resolve(get("fgvc_aircraft"), None, None) == (
+      "reference")
+  assert resolve(get("eurosat"), None, None) == "numpy"  # splits carved by clip_lora_jax
+  assert resolve(get("eurosat"), "split_zhou_EuroSAT.json", None) == "reference"
+  assert resolve(get("imagenet"), None, "numpy") == "numpy"
+  with pytest.raises(UserError, match=r"sampler='reference' needs the protocol's split file for "
+                                      r"dtd.*split_zhou_DescribableTextures.json"):
+    resolve(get("dtd"), None, "reference")
+  with pytest.raises(UserError, match=r"sampler='torch': use one of 'reference', 'numpy'"):
+    resolve(get("dtd"), None, "torch")
+
+
+# Split files over the `wide` toy train images: (class order, None for every entry shuffled;
+# fraction of each class's files listed as train, the rest as val).
+SHAPES = {"grouped": ((3, 0, 4, 2, 1), 0.75), "interleaved": (None, 0.6),
+          "descending": ((4, 3, 2, 1, 0), 0.9)}
+
+
+def wide_split(shape: str) -> dict[str, list[list]]:
+  """A split file's content in one of `SHAPES`: classes of 40, 3, 25, 17 and 2 images cut into
+  train / val lists of sizes from 36 down to 1 (the "descending" one with files in reverse
+  order), some classes missing from val, none in sorted class order."""
+  rng = np.random.default_rng(list(SHAPES).index(shape))
+  order, fraction = SHAPES[shape]
+  content = {"train": [], "val": []}
+  for label in order or range(len(CLASSES)):
+    names = [name for _, l, name in toy_examples("train", "wide") if l == label]
+    names = names[::-1] if shape == "descending" else list(rng.permutation(names))
+    cut = math.ceil(fraction * len(names))
+    content["train"] += [[name, label, CLASSES[label]] for name in names[:cut]]
+    content["val"] += [[name, label, CLASSES[label]] for name in names[cut:]]
+  if order is None:
+    content = {role: [entries[i] for i in rng.permutation(len(entries))]
+               for role, entries in content.items()}
+  content["test"] = [[name, label, CLASSES[label]] for _, label, name in toy_examples("test")]
+  return content
+
+
+def write_content(path, content: dict[str, list[list]]) -> str:
+  with open(path, "w") as f:
+    json.dump(content, f)
+  return str(path)
+
+
+def choose_quietly(*args, **kwargs) -> sampling.Choice:
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # short classes on purpose
+    return sampling.choose(*args, **kwargs)
+
+
+def file_id(path: str) -> int:
+  return int(path[-8:-4])  # "zero/img_0012.png" -> 12
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_sampler_picks_the_reference_files_of_a_split_file(data_dir, tmp_path, shape):
+  spec = toy_spec("wide")
+  content = wide_split(shape)
+  split_file = write_content(tmp_path / "split_zhou_Toy.json", content)
+  tfds_builder = source.builder(spec, data_dir)
+  label_of_path = {path: label for path, label, _ in content["train"] + content["val"]}
+  for shots in (1, 2, 4, 8, 16):
+    for seed in (1, 2, 3):
+      choice = choose_quietly(spec, shots, seed, data_dir, split_file)
+      expected = reference_sampling.split_file_draw(content, shots, seed)
+      assert choice.sampler == "reference"
+      for role, examples in (("train", choice.train), ("val", choice.val)):
+        paths = splits.split_file_keys(spec, tfds_builder, examples)
+        assert paths == expected[role], (shots, seed, role)
+        assert examples.label.tolist() == [label_of_path[p] for p in paths]
+
+
+def test_reference_few_shot_set_holds_the_reference_images_and_caches_per_sampler(
+    data_dir, tmp_path, cache_dir):
+  spec = toy_spec("wide")
+  content = wide_split("interleaved")
+  split_file = write_content(tmp_path / "split_zhou_Toy.json", content)
+  expected = reference_sampling.split_file_draw(content, 4, 2)
+  reference = few_shot(spec, 4, 2, data_dir, split_file=split_file)  # the default sampler
+  assert [image_id(image) for image in reference.images] == list(map(file_id, expected["train"]))
+  assert [image_id(image) for image in reference.val_images] == list(map(file_id, expected["val"]))
+  numpy_set = few_shot(spec, 4, 2, data_dir, split_file=split_file, sampler="numpy")
+  assert numpy_set.images != reference.images
+  assert few_shot(spec, 4, 2, data_dir, split_file=split_file,
+                  sampler="reference").images == reference.images
+  assert len(os.listdir(os.path.join(cache_dir, "fewshot"))) == 2  # one set per sampler
+
+
+def test_reference_sampler_names_the_chosen_entries_that_tfds_lacks(data_dir, tmp_path):
+  spec = toy_spec("wide")
+  content = wide_split("interleaved")
+  # Class "four" listed by files TFDS does not have: 16 draws with replacement take most of them.
+  gone = [[f"four/gone_{i}.png", 4, "four"] for i in range(7)]
+  content["train"] = [entry for entry in content["train"] if entry[1] != 4] + gone
+  split_file = write_content(tmp_path / "gone.json", content)
+  missing = list(dict.fromkeys(
+      p for p in reference_sampling.split_file_draw(content, 16, 1)["train"] if "gone" in p))
+  assert len(missing) > 5
+  with pytest.raises(UserError) as caught:
+    choose_quietly(spec, 16, 1, data_dir, split_file)
+  message = str(caught.value)
+  assert message.startswith(f"{len(missing)} of the images that the reference sampler chooses")
+  assert f"{', '.join(missing[:5])} and {len(missing) - 5} more" in message
+
+  # A missing entry that is not chosen changes nothing: it takes part in the draw all the same.
+  content = wide_split("interleaved")
+  content["train"].insert(7, ["zero/gone.png", 0, "zero"])
+  split_file = write_content(tmp_path / "one_gone.json", content)
+  draws = {seed: reference_sampling.split_file_draw(content, 8, seed) for seed in range(1, 30)}
+  unchosen = next(s for s, d in draws.items() if "zero/gone.png" not in d["train"])
+  chosen = next(s for s, d in draws.items() if "zero/gone.png" in d["train"])
+  choice = choose_quietly(spec, 8, unchosen, data_dir, split_file)
+  assert splits.split_file_keys(spec, source.builder(spec, data_dir),
+                                choice.train) == draws[unchosen]["train"]
+  with pytest.raises(UserError, match=r"^1 of the images .*: zero/gone.png; without them"):
+    choose_quietly(spec, 8, chosen, data_dir, split_file)
+
+
+# An ImageNet-like train folder: label order (TFDS's) is not the folders' sorted order.
+FOLDER_CLASSES = ("n02_kite", "n01_tench", "n03_goose")
+FOLDER_COUNTS = (23, 20, 30)
+
+
+class ClipLoraJaxFolder(tfds.core.GeneratorBasedBuilder):
+  """Class folders of PNGs in the manual directory, read in `os.listdir` order."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "<class>/<file>.png"
+
+  def _info(self):
+    return toy_info(self, FOLDER_CLASSES)
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(os.fspath(dl_manager.manual_dir))}
+
+  def _generate_examples(self, root):
+    for folder in os.listdir(root):
+      for file_name in os.listdir(os.path.join(root, folder)):
+        yield f"{folder}/{file_name}", {"image": os.path.join(root, folder, file_name),
+                                        "label": folder, "file_name": file_name}
+
+
+def folder_spec() -> DatasetSpec:
+  return DatasetSpec(name="toy_folder", tfds_name="clip_lora_jax_folder",
+                     class_names=FOLDER_CLASSES, splits={"train": ("train",), "test": ("train",)},
+                     file_key="file_name", reference_order=IMAGE_FOLDER)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> tuple[str, str]:
+  """(train folder, TFDS data dir): class folders and files created in an unsorted order, file
+  numbers unpadded (so that name order is not number order)."""
+  root = tmp_path_factory.mktemp("folder")
+  rng = np.random.default_rng(0)
+  for label in (2, 0, 1):
+    folder = root / FOLDER_CLASSES[label]
+    folder.mkdir()
+    for number in rng.permutation(FOLDER_COUNTS[label]):
+      (folder / f"{FOLDER_CLASSES[label]}_{number}.png").write_bytes(toy_png(int(number)))
+  data_dir = str(tmp_path_factory.mktemp("folder_tfds"))
+  tfds.builder("clip_lora_jax_folder", data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(root), num_shards=2))
+  return str(root), data_dir
+
+
+def test_reference_sampler_picks_the_reference_files_of_an_image_folder(image_folder):
+  root, data_dir = image_folder
+  spec = folder_spec()
+  tfds_builder = source.builder(spec, data_dir)
+  for shots in (1, 2, 4, 8, 16):
+    for seed in (1, 2, 3):
+      choice = sampling.choose(spec, shots, seed, data_dir)
+      expected = reference_sampling.image_folder_draw(root, shots, seed)
+      assert choice.sampler == "reference"
+      for role, examples in (("train", choice.train), ("val", choice.val)):
+        folders = splits.tfds_class_names(spec, tfds_builder, examples)
+        paths = [f"{folder}/{name.decode()}" for folder, name in zip(folders, examples.file_name)]
+        assert paths == expected[role], (shots, seed, role)
+        assert [spec.class_names[label] for label in examples.label] == folders
+  # 17 shots + 4 validation images: more than class n01_tench has; the reference fails there.
+  with pytest.raises(UserError, match=r"^1 toy_folder classes have fewer than the 21 training "
+                                      r"images .*: n01_tench \(20\); use sampler='numpy'"):
+    sampling.choose(spec, 17, 1, data_dir)

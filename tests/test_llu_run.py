@@ -36,6 +36,7 @@ def test_llu_trains_resumes_and_eval_py_reads_its_adapter(tmp_path):
 
   adapter = methods.load_adapter(os.path.join(whole, "adapter.safetensors"))
   assert isinstance(adapter, llu.Adapter) and adapter.config == llu.LLUConfig()
+  assert adapter.few_shot == {"dataset": "eurosat", "shots": 2, "seed": 1, "sampler": "numpy"}
   assert np.abs(adapter.params["image"]["w"] - np.eye(32)).max() > 1e-3  # it trained
   assert set(adapter.anchors) == {"image", "text"} and adapter.anchors["text"].shape == (10, 32)
   evaluated = load_eval_module().evaluate(config, os.path.join(whole, "adapter.safetensors"),

@@ -176,6 +176,7 @@ def test_adapter_file_round_trip_size_and_switching(tmp_path, tiny_params):
   loaded = lora.load_adapter(path)
   assert loaded.config == lora_config and loaded.base_config == config
   assert loaded.base_name == adapter.base_name and loaded.base_fingerprint == "0123456789abcdef"
+  assert loaded.few_shot is None  # recorded by training runs only
   for got, want in zip(jax.tree.leaves(loaded.lora), jax.tree.leaves(adapter.lora)):
     np.testing.assert_array_equal(got, want)
 

@@ -54,6 +54,9 @@ def test_train_writes_adapter_metrics_results_and_eval_agrees(runlocal_run):
 
   adapter = read_adapter(workdir)
   assert adapter.base_name == "tiny" and adapter.config == lora.LoRAConfig()
+  # Mock EuroSAT without a split file: the numpy sampler, recorded with the run.
+  assert json.load(open(os.path.join(workdir, "config.json")))["sampler"] == "numpy"
+  assert adapter.few_shot == {"dataset": "eurosat", "shots": 2, "seed": 1, "sampler": "numpy"}
   assert any(np.any(leaf) for leaf in jax.tree.leaves(adapter.lora))  # B moved off zero.
   # The merged export is a Hugging Face checkpoint that transformers loads.
   assert isinstance(transformers.CLIPModel.from_pretrained(os.path.join(workdir, "merged")),

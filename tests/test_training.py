@@ -1,6 +1,7 @@
 """Training: the schedule and optimizer against torch, the train step on a separable task."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,15 @@ def test_unknown_method_is_a_user_error():
     methods.train_and_evaluate(config, "/nonexistent/never-written")
   with pytest.raises(UserError, match="no weight-space adapter"):
     training.lora_config_from(config)
+
+
+def test_sampler_is_resolved_before_anything_is_written(tmp_path):
+  config = fewshot.get_config()  # EuroSAT, no split file
+  config.sampler = "reference"
+  with pytest.raises(UserError, match="sampler='reference' needs the protocol's split file for "
+                                      "eurosat"):
+    training.start_run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_bad_lora_section_is_a_user_error():

@@ -23,6 +23,7 @@ _MODULES = {
     "DATASET_NAMES": "registry", "DEFAULT_TEMPLATE": "registry", "DatasetSpec": "registry",
     "get_dataset": "registry",
     "num_examples": "splits",
+    "SAMPLERS": "sampling", "resolve_sampler": "sampling",
 }
 
 __all__ = sorted(_MODULES)

@@ -2,11 +2,15 @@
 
   python -m clip_lora_jax.data prepare NAME [--data_dir D] [--manual_dir M]
   python -m clip_lora_jax.data info NAME [--data_dir D] [--split_file F]
+                                   [--shots K [--seed S] [--sampler reference|numpy] [--list]]
 
 `prepare` downloads and prepares the TFDS data (or, for ImageNet, Stanford Cars, FGVC-Aircraft
 and UCF-101, prepares it from files you put into the manual directory, and says which) and then
 prints what `info` prints: the class count, a few class names, the templates and the sizes of the
-benchmark's train / val / test splits.
+benchmark's train / val / test splits. With `--shots`, `info` also says which sampler a run with
+these arguments uses and how many images it chooses; `--list` prints them, one per line: role
+(val, then train, in the order drawn), label and path (as in the split file; else TFDS's file
+name), tab-separated.
 """
 
 from __future__ import annotations
@@ -18,10 +22,28 @@ from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
-from clip_lora_jax.data import registry, source, splits
+from clip_lora_jax.data import registry, sampling, source, splits
+from clip_lora_jax.data.registry import DatasetSpec
 from clip_lora_jax.errors import UserError, exit_on_user_error
 
 _SHOWN_CLASSES = 5
+_DEFAULT_SEED = 1  # configs/fewshot.py's
+
+
+def print_choice(spec: DatasetSpec, data_dir: str | None, choice: sampling.Choice, shots: int,
+                 seed: int, list_files: bool) -> None:
+  """Prints which sampler chose a few-shot set and how many images it holds; with `list_files`,
+  the chosen images themselves (see the module docstring)."""
+  whose = "the reference code's" if choice.sampler == sampling.REFERENCE else "not the reference's"
+  print(f"  {shots}-shot, seed {seed}: sampler {choice.sampler} ({whose} choice), "
+        f"{len(choice.train)} train and {len(choice.val)} val images")
+  if not list_files:
+    return
+  tfds_builder = source.builder(spec, data_dir)
+  for role, examples in (("val", choice.val), ("train", choice.train)):
+    paths = splits.split_file_keys(spec, tfds_builder, examples)
+    for position, (label, path) in enumerate(zip(examples.label, paths)):
+      print(f"{role}\t{label}\t{path or examples.describe(position)}")
 
 
 def info(name: str, data_dir: str | None, split_file: str | None) -> None:
@@ -78,16 +100,37 @@ def _parser() -> argparse.ArgumentParser:
   info_parser.add_argument("name", choices=registry.DATASET_NAMES, metavar="NAME")
   info_parser.add_argument("--data_dir", help=data_dir_help)
   info_parser.add_argument("--split_file", help="a split_zhou_<Dataset>.json of the CoOp protocol")
+  info_parser.add_argument("--shots", type=int, metavar="K",
+                           help="also choose the K-shot set (and validation shots) of a run")
+  info_parser.add_argument("--seed", type=int, metavar="S",
+                           help=f"with --shots: the run's seed (default {_DEFAULT_SEED})")
+  info_parser.add_argument("--sampler", choices=sampling.SAMPLERS,
+                           help="with --shots: the run's sampler (default: the reference's "
+                                "wherever it can be reproduced, as in a run)")
+  info_parser.add_argument("--list", action="store_true", dest="list_files",
+                           help="with --shots: print the chosen images, one per line")
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.command == "info" and args.shots is None and (
+      args.seed is not None or args.sampler or args.list_files):
+    parser.error("--seed, --sampler and --list need --shots")
   with exit_on_user_error():
     if args.command == "prepare":
       prepare(args.name, args.data_dir, args.manual_dir)
     else:
+      spec = registry.get_dataset(args.name)
+      seed = _DEFAULT_SEED if args.seed is None else args.seed
+      choice = None  # chosen first, so that a bad request prints nothing but its error
+      if args.shots is not None:
+        choice = sampling.choose(spec, args.shots, seed, args.data_dir, args.split_file,
+                                 sampler=args.sampler)
       info(args.name, args.data_dir, args.split_file)
+      if choice is not None:
+        print_choice(spec, args.data_dir, choice, args.shots, seed, args.list_files)
 
 
 if __name__ == "__main__":

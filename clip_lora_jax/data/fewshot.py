@@ -1,71 +1,32 @@
-"""K-shot training sets, sampled as the CLIP-LoRA reference does, and cached.
+"""K-shot training sets with their validation shots: chosen, read and cached.
 
-Per seed, the validation shots are drawn first, min(K, 4) per class from the benchmark's val split
-(from the train split for ImageNet, which has none; they are then excluded from training), then
-K training shots per class from the train split. Indices are chosen from the labels alone; only
-the chosen images are then read, checked and kept, encoded as TFDS stores them. A class with fewer
-than K examples gets all of them plus draws with replacement up to K, with a warning (the
-reference samples with replacement too); a class with none gets no shots, with a warning.
+`sampling` chooses the examples from labels and file names alone (the reference code's choice by
+default wherever it can be reproduced; see there); only the chosen images are then read, checked
+and kept, encoded as TFDS stores them.
 
 A corrupt chosen image is an error that names it (re-prepare the dataset), never skipped: a
 skipped image would silently change K.
 
 The result is cached in `cache_dir` as an .npz keyed by the prepared dataset, the benchmark
-definition, the split file's content, K and the seed; it is written through a temporary file and
-a rename, so concurrent runs never read half a file.
+definition, the split file's content, K, the seed and the sampler; it is written through a
+temporary file and a rename, so concurrent runs never read half a file.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from clip_lora_jax.data import preprocessing, source, splits
+from clip_lora_jax.data import preprocessing, sampling, source, splits
 from clip_lora_jax.data.registry import DatasetSpec
 from clip_lora_jax.data.train_input import FewShotSet
 from clip_lora_jax.errors import UserError
 
-MAX_VAL_SHOTS = 4
 # Bump when the sampling changes, so that stale caches are not reused.
-_SAMPLER_VERSION = 1
-
-
-def sample_shots(labels: np.ndarray, class_names: Sequence[str], shots: int,
-                 rng: np.random.Generator, exclude: np.ndarray | None = None,
-                 what: str = "train") -> np.ndarray:
-  """Positions of `shots` examples of each class of `labels`, not in `exclude`.
-
-  Without replacement when a class has enough examples; otherwise all of them, in random order,
-  then draws with replacement up to `shots` (warned). Classes are visited in label order.
-  """
-  available = np.ones(len(labels), bool)
-  if exclude is not None:
-    available[exclude] = False
-  order = np.argsort(labels, kind="stable")
-  bounds = np.searchsorted(labels[order], np.arange(len(class_names) + 1))
-  chosen, short, empty = [], [], []
-  for label, name in enumerate(class_names):
-    members = order[bounds[label]:bounds[label + 1]]
-    members = members[available[members]]
-    if len(members) >= shots:
-      chosen.append(rng.choice(members, shots, replace=False))
-    elif len(members):
-      short.append(f"{name} ({len(members)})")
-      chosen.append(np.concatenate([rng.permutation(members),
-                                    rng.choice(members, shots - len(members))]))
-    else:
-      empty.append(name)
-  if short:
-    warnings.warn(f"{len(short)} classes have fewer than {shots} {what} examples and are filled "
-                  f"up by sampling with replacement: {', '.join(short)}")
-  if empty:
-    warnings.warn(f"{len(empty)} classes have no {what} examples and get no shots: "
-                  f"{', '.join(empty)}")
-  return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+_SAMPLER_VERSION = 2
 
 
 def _read_images(spec: DatasetSpec, data_dir: str | None,
@@ -126,27 +87,19 @@ def _load(path: str) -> FewShotSet:
 
 
 def _sample(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None,
-            split_file: str | None, cache_dir: str | None) -> FewShotSet:
-  train = splits.benchmark_split(spec, "train", data_dir, split_file, cache_dir)
-  has_val = splits.has_split(spec, "val", split_file)
-  val_pool = (splits.benchmark_split(spec, "val", data_dir, split_file, cache_dir) if has_val
-              else train)
-  rng = np.random.default_rng(seed)
-  val_positions = sample_shots(val_pool.label, spec.class_names, min(shots, MAX_VAL_SHOTS), rng,
-                               what="validation")
-  train_positions = sample_shots(train.label, spec.class_names, shots, rng,
-                                 exclude=None if has_val else val_positions)
-  chosen = splits.Examples.concatenate([train.subset(train_positions),
-                                        val_pool.subset(val_positions)])
+            split_file: str | None, cache_dir: str | None, sampler: str) -> FewShotSet:
+  choice = sampling.choose(spec, shots, seed, data_dir, split_file, cache_dir, sampler)
+  chosen = splits.Examples.concatenate([choice.train, choice.val])
   images = _read_images(spec, data_dir, chosen)
   _check_decodable(spec, chosen, images)
   labels = chosen.label.astype(np.int32)
-  cut = len(train_positions)
+  cut = len(choice.train)
   return FewShotSet(images[:cut], labels[:cut], images[cut:], labels[cut:], spec.num_classes)
 
 
 def load_few_shot(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None = None,
-                  split_file: str | None = None, cache_dir: str | None = None) -> FewShotSet:
+                  split_file: str | None = None, cache_dir: str | None = None,
+                  sampler: str | None = None) -> FewShotSet:
   """The `shots`-shot training set of `spec` for `seed` (see the module docstring).
 
   Args:
@@ -156,18 +109,19 @@ def load_few_shot(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None
     data_dir: TFDS data directory (TFDS's default when None).
     split_file: the protocol's `split_zhou_<Dataset>.json`, to sample from its exact splits.
     cache_dir: where to cache the set (`source.default_cache_dir()` when None).
+    sampler: `sampling.REFERENCE` or `sampling.NUMPY`; None for `sampling.resolve_sampler`'s
+      default (the reference's choice wherever it can be reproduced).
   """
-  if shots < 1 or seed < 0:
-    raise UserError(f"few-shot {spec.name}: shots must be >= 1 and seed >= 0, got shots={shots}, "
-                    f"seed={seed}")
+  sampler = sampling.resolve_sampler(spec, split_file, sampler)
   tfds_builder = source.builder(spec, data_dir)
   if not tfds_builder.is_prepared():  # e.g. tfds.testing.mock_data: nothing worth caching.
-    return _sample(spec, shots, seed, data_dir, split_file, cache_dir)
+    return _sample(spec, shots, seed, data_dir, split_file, cache_dir, sampler)
   cache = source.cache_path(
       cache_dir or source.default_cache_dir(), "fewshot", tfds_builder, spec.name, spec.splits,
-      spec.label_map, splits.split_file_digest(split_file), shots, seed, _SAMPLER_VERSION)
+      spec.label_map, splits.split_file_digest(split_file), shots, seed, sampler,
+      _SAMPLER_VERSION)
   if os.path.exists(cache):
     return _load(cache)
-  few = _sample(spec, shots, seed, data_dir, split_file, cache_dir)
+  few = _sample(spec, shots, seed, data_dir, split_file, cache_dir, sampler)
   _save(cache, few)
   return few

@@ -30,6 +30,12 @@ from clip_lora_jax.errors import UserError
 # CLIP-LoRA trains and tests every dataset with this single template.
 DEFAULT_TEMPLATE = "a photo of a {}."
 ROLES = ("train", "val", "test")
+# How the reference code lists a dataset it reads without a split file (`reference_order`):
+# its official lists, in TFDS's canonical order (our builder keeps their order) ...
+LIST_ORDER = "lists"
+# ... or a torchvision ImageFolder of the train images: classes sorted by TFDS class name (the
+# folder name), files sorted by name within each.
+IMAGE_FOLDER = "image_folder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,9 @@ class DatasetSpec:
     split_file_path: turns an example's (TFDS split, file name, TFDS class name) into its path in
       the protocol's split file; None means the file name as is.
     split_file_name: the protocol's split file for this dataset, for messages.
+    reference_order: how the reference code lists the dataset when it reads no split file
+      (`LIST_ORDER` or `IMAGE_FOLDER`), so that its few-shot sets can be drawn without one; None
+      when it reads the protocol's split file.
     manual_download: what to put into the TFDS manual directory before preparing, or None when
       TFDS downloads the data itself.
   """
@@ -87,6 +96,7 @@ class DatasetSpec:
   file_key: str | None = None
   split_file_path: SplitFilePath | None = None
   split_file_name: str | None = None
+  reference_order: str | None = None
   manual_download: str | None = None
 
   def __post_init__(self):
@@ -149,6 +159,7 @@ def _imagenet() -> DatasetSpec:
       name="imagenet", tfds_name="imagenet2012", class_names=tuple(curated["class_names"]),
       splits={"train": ("train",), "test": ("validation",)},
       ensemble_templates=tuple(curated["templates"]), file_key="file_name",
+      reference_order=IMAGE_FOLDER,
       manual_download=("ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (register at "
                        "https://image-net.org/download-images to get them)"))
 
@@ -169,7 +180,7 @@ def _fgvc_aircraft() -> DatasetSpec:
       class_names=tuple(_tfds_class_names("fgvc_aircraft")),
       splits={"train": ("train",), "val": ("validation",), "test": ("test",)},
       coop_template="a photo of a {}, a type of aircraft.", file_key="file_name",
-      manual_download=builders.fgvc_aircraft.MANUAL_FILES)
+      reference_order=LIST_ORDER, manual_download=builders.fgvc_aircraft.MANUAL_FILES)
 
 
 _EUROSAT_NAMES = {

@@ -20,7 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from clip_lora_jax import files
-from clip_lora_jax.files import CACHE_ENV, default_cache_dir  # noqa: F401  (re-exported)
+from clip_lora_jax.files import default_cache_dir
 from clip_lora_jax.data.registry import DatasetSpec
 from clip_lora_jax.errors import UserError
 

@@ -31,7 +31,8 @@ MAX_MISSING = 0.01
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-  """A set of TFDS examples, sorted by (TFDS split, index).
+  """A list of TFDS examples: a benchmark split's sorted by (TFDS split, index), a few-shot
+  choice's in the order drawn.
 
   Attributes:
     tfds_split: the TFDS split of each example.
@@ -115,31 +116,40 @@ def read_split_file(path: str) -> dict[str, list[list]]:
   return content
 
 
-def _split_file_keys(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder,
-                     pool: Examples) -> list[str]:
-  """The split-file path of each example of `pool`."""
+def tfds_class_names(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder,
+                     examples: Examples) -> list[str]:
+  """The TFDS class name (e.g. ImageNet's WordNet id, its folder name) of each of `examples`."""
   tfds_names = tfds_builder.info.features[spec.label_key].names
   inverse = {benchmark: tfds_label for tfds_label, benchmark in
              enumerate(_label_lookup(spec, len(tfds_names))) if benchmark >= 0}
-  return [spec.split_file_key(split, name.decode(), tfds_names[inverse[label]])
-          for split, name, label in zip(pool.tfds_split, pool.file_name, pool.label)]
+  return [tfds_names[inverse[label]] for label in examples.label]
 
 
-def _from_split_file(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, role: str,
-                     split_file: str, cache_dir: str | None) -> Examples:
+def split_file_keys(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder,
+                    examples: Examples) -> list[str]:
+  """The split-file path of each of `examples` ("" where TFDS keeps no file names)."""
+  if spec.file_key is None:
+    return [""] * len(examples)
+  return [spec.split_file_key(split, name.decode(), tfds_class) for split, name, tfds_class in
+          zip(examples.tfds_split, examples.file_name,
+              tfds_class_names(spec, tfds_builder, examples))]
+
+
+def locate(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, split_file: str,
+           entries: list[list], cache_dir: str | None) -> tuple[Examples, np.ndarray]:
+  """Finds split-file entries in TFDS by path: (every TFDS example the benchmark keeps, the
+  position there of each entry, -1 for one TFDS lacks). A found entry's label must be ours."""
   if spec.file_key is None:
     raise UserError(
         f"split file {split_file}: TFDS {spec.tfds_name} keeps no file names, so {spec.name} "
         "examples cannot be matched to it; leave split_file unset to use the benchmark split "
         "carved by clip_lora_jax")
-  entries = read_split_file(split_file)[role]
   pool = _pooled(spec, tfds_builder, spec.tfds_splits, cache_dir)
-  position_of = {key: i for i, key in enumerate(_split_file_keys(spec, tfds_builder, pool))}
-  positions, missing = [], []
-  for path, label, class_name in entries:
+  position_of = {key: i for i, key in enumerate(split_file_keys(spec, tfds_builder, pool))}
+  positions = np.full(len(entries), -1, np.int64)
+  for i, (path, label, class_name) in enumerate(entries):
     position = position_of.get(path)
     if position is None:
-      missing.append(path)
       continue
     if int(label) != pool.label[position]:
       ours = pool.label[position]
@@ -147,14 +157,22 @@ def _from_split_file(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, 
           f"split file {split_file} gives {path} label {label} ({class_name}), but TFDS "
           f"{spec.tfds_name} has it in class {ours} ({spec.class_names[ours]}) of {spec.name}: "
           "is this the split file of this dataset?")
-    positions.append(position)
+    positions[i] = position
+  return pool, positions
+
+
+def _from_split_file(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, role: str,
+                     split_file: str, cache_dir: str | None) -> Examples:
+  entries = read_split_file(split_file)[role]
+  pool, positions = locate(spec, tfds_builder, split_file, entries, cache_dir)
+  missing = [entry[0] for entry, position in zip(entries, positions) if position < 0]
   if missing:
     where = (f"{len(missing)} of the {len(entries)} {role} images of split file {split_file} "
              f"are not in TFDS {spec.tfds_name} (e.g. {', '.join(missing[:3])})")
     if len(missing) > MAX_MISSING * len(entries):
       raise UserError(f"{where}: is this the split file of {spec.name}?")
     warnings.warn(f"{where}; they are left out")
-  return pool.subset(np.unique(np.asarray(positions, np.int64)))
+  return pool.subset(np.unique(positions[positions >= 0]))
 
 
 def benchmark_split(spec: DatasetSpec, role: str, data_dir: str | None = None,

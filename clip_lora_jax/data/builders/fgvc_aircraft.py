@@ -11,6 +11,8 @@ TFDS manual directory, either as downloaded (`fgvc-aircraft-2013b.tar.gz`) or ex
 
 TFDS splits `train`, `validation`, `test` are the official ones, as in the CoOp protocol. Images
 are kept as they are, the copyright banner at their bottom included, as the protocol does.
+Examples are stored unshuffled, in the order of their list file: the reference code samples its
+few-shot sets from these lists in file order, which TFDS's canonical order then reproduces.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def _data_folder(dl_manager: tfds.download.DownloadManager) -> epath.Path:
 class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
   """FGVC-Aircraft 2013b, 100 variants, from a manual download."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release: variant labels, official train / val / test."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release: variant labels, official train / val / test.",
+                   "1.1.0": "Examples in the order of the official lists (not shuffled)."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {MANUAL_FILES} into the manual directory."
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -69,6 +72,7 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
             "file_name": tfds.features.Text(),  # e.g. "1025794.jpg"
         }),
         supervised_keys=("image", "label"),
+        disable_shuffling=True,  # canonical order = list order, keyed by line number
         homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
         citation="Maji et al., Fine-Grained Visual Classification of Aircraft, arXiv:1306.5151.",
     )
@@ -78,10 +82,11 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(data, name) for split, name in _LISTS.items()}
 
   def _generate_examples(self, data: epath.Path, list_name: str):
-    for line in (data / f"images_variant_{list_name}.txt").read_text().splitlines():
+    lines = (data / f"images_variant_{list_name}.txt").read_text().splitlines()
+    for line_number, line in enumerate(lines):
       if not line.strip():
         continue
       image_id, variant = line.strip().split(" ", 1)
       file_name = f"{image_id}.jpg"
-      yield image_id, {"image": data / "images" / file_name, "label": variant,
-                       "file_name": file_name}
+      yield line_number, {"image": data / "images" / file_name, "label": variant,
+                          "file_name": file_name}
