@@ -57,7 +57,8 @@ from typing import Any
 
 START = time.perf_counter()  # Before the heavy imports of a child: its import time.
 
-import train_step as cpu_bench  # pylint: disable=wrong-import-position  (sibling; no JAX import)
+import input_pipeline  # pylint: disable=wrong-import-position  (siblings; no JAX import)
+import train_step as cpu_bench  # pylint: disable=wrong-import-position
 
 REPO_ROOT = cpu_bench.REPO_ROOT
 IMPLS = ("ours", "ours_warm", "ours_xla_attention", "ours_variant", "peer")
@@ -133,24 +134,6 @@ def timed_steps(run_step: Callable[[], None], spec: Spec) -> list[float]:
   print(f"  [{spec.impl} {spec.classes}] median step {statistics.median(times) * 1e3:.1f} ms",
         file=sys.stderr, flush=True)
   return times
-
-
-def synthetic_jpegs(count: int, width: int = 500, height: int = 375) -> list[bytes]:
-  """Photo-like JPEGs of ImageNet's typical size (smooth colour fields plus noise)."""
-  import io  # pylint: disable=import-outside-toplevel
-
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  images = []
-  for _ in range(count):
-    coarse = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
-    noisy = np.clip(smooth + rng.integers(-12, 13, smooth.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noisy).save(buffer, format="JPEG", quality=90)
-    images.append(buffer.getvalue())
-  return images
 
 
 def run_ours(spec: Spec) -> dict[str, Any]:
@@ -326,8 +309,10 @@ def train_py_loop(spec: Spec, params: Any, initial_state: Callable[[], Any], tex
     config = fewshot.get_config()
     config.progress, config.log_every = False, 10
     config.checkpoint_every = 10**9  # One save, at the end (as a run's last step).
-    few = data.FewShotSet(synthetic_jpegs(max(spec.batch * 4, 64)),
-                          np.arange(max(spec.batch * 4, 64), dtype=np.int32) % spec.classes,
+    count = max(spec.batch * 4, 64)  # The warm-up steps decode them (the first epoch).
+    rng = np.random.default_rng(0)
+    few = data.FewShotSet([input_pipeline.synthetic_jpeg(rng, 500, 375) for _ in range(count)],
+                          np.arange(count, dtype=np.int32) % spec.classes,
                           [], np.zeros(0, np.int32), spec.classes)
     batches = data.train_batches(few, batch_size=spec.batch, image_size=spec.image_size, seed=1)
     loop_state = initial_state()
@@ -467,10 +452,7 @@ def run_child(impl: str, spec: Spec, env: dict[str, str], timeout: float) -> dic
     return {"error": f"timed out after {timeout:.0f} s"}
   finally:
     os.remove(f.name)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  if proc.returncode != 0 or not lines:
-    return {"error": f"exit status {proc.returncode}"}
-  return json.loads(lines[-1][len("RESULT "):])
+  return cpu_bench.child_result(proc)
 
 
 def step_flops(cfg: Any, batch: int, work: list[list[int]]) -> float:
@@ -581,12 +563,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.extras = tuple(e for e in args.extras.split(",") if e)
   if set(args.extras) - set(EXTRAS):
     p.error(f"--extras={','.join(args.extras)}: use some of {', '.join(EXTRAS)}")
-  try:
-    args.classes = [int(c) for c in args.classes.split(",")]
-  except ValueError:
-    p.error(f"--classes={args.classes!r}: give comma-separated integers, e.g. 10,1000")
-  if min(args.classes) < 1 or args.steps < 1 or args.warmup < 0 or args.batch < 1:
-    p.error("--classes, --steps and --batch must be >= 1 and --warmup >= 0")
+  args.classes = cpu_bench.parse_classes(p, args.classes)
+  if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+    p.error("--steps and --batch must be >= 1 and --warmup >= 0")
   return args
 
 
@@ -595,13 +574,8 @@ def main(argv: list[str] | None = None) -> None:
   if args.child:
     child_main(args.child, args.spec)
     return
-  from clip_lora_jax import checkpoints, model, training  # pylint: disable=import-outside-toplevel
-  from clip_lora_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-  from configs import fewshot  # pylint: disable=import-outside-toplevel
-
-  cfg = model.get_config(args.shape)
-  config = fewshot.get_config()
-  tokenizer = load_tokenizer()
+  from clip_lora_jax import checkpoints, training  # pylint: disable=import-outside-toplevel
+  cfg, config, tokenizer = cpu_bench.base_setup(args.shape)
   impls = {"both": IMPLS, "ours": IMPLS[:4], "peer": IMPLS[4:]}[args.impl]
   impls = [i for i in impls if not (args.no_warm and i == "ours_warm")]
   extras_classes = args.classes[0] if args.extras_classes is None else args.extras_classes

@@ -1,16 +1,18 @@
 """Input-pipeline throughput: CLIP-LoRA train augmentation (and test preprocessing), images/s.
 
 A synthetic few-shot set of JPEG images (by default 10 classes x 16 shots of 500 x 375, the
-typical size of an ImageNet photo) goes through `data.train_batches`: JPEG decoding,
-RandomResizedCrop to 224 (bicubic), flip, CLIP normalisation, batching. After `--warmup` batches,
+typical size of an ImageNet photo) goes through `data.train_batches` with 1, 2, ... worker
+threads (`--workers`): RandomResizedCrop to 224 (PIL bicubic), flip, batching of uint8 pixels;
+each image is decoded once, in the first epoch, which the `--warmup` batches cover. Then
 `--batches` batches are timed; the best of `--repeats` timings is reported, as images per second.
-The same images then go through the test preprocessing (`data.few_shot_eval_batches`: decode,
-shortest side to 224, central crop) for an eval-side figure.
+The same images then go through the test preprocessing (`data.few_shot_eval_batches`, tf.data:
+decode, shortest side to 224, central crop, normalisation) for an eval-side figure.
 
-Compare with the train step's consumption, batch / (seconds per step) (benchmarks/train_step.py):
-the pipeline runs ahead in tf.data threads, so it is not the bottleneck while its rate is higher.
+Compare with the train step's consumption, batch / (seconds per step) (benchmarks/train_step.py,
+benchmarks/gpu.py): the pipeline runs ahead in its threads, so it is not the bottleneck while
+its rate is higher.
 
-  python benchmarks/input_pipeline.py [--batch 32] [--image-size 224] [--width 500 --height 375]
+  python benchmarks/input_pipeline.py [--workers 1,2] [--batch 32] [--width 500 --height 375]
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import sys
 import time
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
-from clip_lora_jax import data
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clip_lora_jax import data  # pylint: disable=wrong-import-position
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,7 +39,8 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--width", type=int, default=500, help="source JPEG width")
   parser.add_argument("--height", type=int, default=375, help="source JPEG height")
   parser.add_argument("--images", type=int, default=160, help="images in the few-shot set")
-  parser.add_argument("--warmup", type=int, default=5, help="untimed batches")
+  parser.add_argument("--workers", default="1,2", help="comma-separated worker-thread counts")
+  parser.add_argument("--warmup", type=int, default=6, help="untimed batches (the first epoch)")
   parser.add_argument("--batches", type=int, default=30, help="timed batches per repeat")
   parser.add_argument("--repeats", type=int, default=3, help="timings; the best is reported")
   return parser.parse_args()
@@ -75,6 +78,7 @@ def images_per_second(make_batches, batch: int, args: argparse.Namespace) -> flo
 
 
 def main() -> None:
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel  (the eval side only)
   args = parse_args()
   few = few_shot_set(args)
   mean_kb = np.mean([len(image) for image in few.images]) / 1024
@@ -84,10 +88,12 @@ def main() -> None:
   print(f"images: {args.images} JPEGs of {args.width}x{args.height} ({mean_kb:.0f} KiB mean), "
         f"batch {args.batch}, output {args.image_size}x{args.image_size}")
 
-  train = images_per_second(
-      lambda: data.train_batches(few, args.batch, args.image_size, seed=0), args.batch, args)
-  print(f"train augmentation (decode, RandomResizedCrop, flip, normalise): {train:.0f} images/s "
-        f"= {train / args.batch:.1f} batches/s")
+  for workers in (int(w) for w in args.workers.split(",")):
+    train = images_per_second(
+        lambda: data.train_batches(few, args.batch, args.image_size, seed=0, workers=workers),
+        args.batch, args)
+    print(f"train augmentation (RandomResizedCrop, flip; decoded once), {workers} worker "
+          f"thread(s): {train:.0f} images/s = {train / args.batch:.1f} batches/s")
 
   def eval_batches():  # the val shots repeated, so that enough batches exist
     while True:

@@ -36,8 +36,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=wrong-import-position
-from benchmarks.train_step import (TEMPLATE, class_names, gib, lora_step_and_state,
-                                    peak_rss_bytes, time_steps)
+from benchmarks.train_step import (TEMPLATE, child_result, class_names, gib,
+                                    lora_step_and_state, peak_rss_bytes, time_steps)
 from clip_lora_jax import xla_flags  # (no JAX import)
 
 METHODS = {
@@ -162,10 +162,7 @@ def run_child(spec: Spec) -> dict[str, Any]:
                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
   finally:
     os.remove(f.name)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  if proc.returncode != 0 or not lines:
-    return {"error": f"exit status {proc.returncode}"}
-  return json.loads(lines[-1][len("RESULT "):])
+  return child_result(proc)
 
 
 def report(spec: Spec, results: dict[str, dict[str, Any]]) -> None:

@@ -329,11 +329,35 @@ def run_child(impl: str, spec: Spec) -> dict[str, Any]:
                           text=True, check=False)
   finally:
     os.remove(f.name)
+  return child_result(proc)
+
+
+def child_result(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+  """The last `RESULT {json}` line a child benchmark process printed, or {'error': ...}."""
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
     return {"error": f"exit status {proc.returncode}" + (" (killed: out of memory?)"
                                                          if proc.returncode == -9 else "")}
   return json.loads(lines[-1][len("RESULT "):])
+
+
+def parse_classes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+  """`--classes` "10,100" -> [10, 100], or a parser error."""
+  try:
+    classes = [int(c) for c in text.split(",")]
+  except ValueError:
+    parser.error(f"--classes={text!r}: give comma-separated integers, e.g. 10,100")
+  if min(classes) < 1:
+    parser.error("--classes: every class count must be >= 1")
+  return classes
+
+
+def base_setup(shape: str) -> tuple[Any, Any, Any]:
+  """The parent's (architecture, recipe config, tokenizer); imported here, not in children."""
+  from clip_lora_jax import model  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from configs import fewshot  # pylint: disable=import-outside-toplevel
+  return model.get_config(shape), fewshot.get_config(), load_tokenizer()
 
 
 def gib(n: float) -> str:
@@ -398,12 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.steps < 1 or args.warmup < 0 or args.batch < 1:
     p.error("--steps and --batch must be >= 1 and --warmup >= 0")
-  try:
-    args.classes = [int(c) for c in args.classes.split(",")]
-  except ValueError:
-    p.error(f"--classes={args.classes!r}: give comma-separated integers, e.g. 10,100")
-  if min(args.classes) < 1:
-    p.error("--classes: every class count must be >= 1")
+  args.classes = parse_classes(p, args.classes)
   return args
 
 
@@ -412,13 +431,8 @@ def main(argv: list[str] | None = None) -> None:
   if args.child:
     child_main(args.child, args.spec)
     return
-  from clip_lora_jax import checkpoints, model, training  # pylint: disable=import-outside-toplevel
-  from clip_lora_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-  from configs import fewshot  # pylint: disable=import-outside-toplevel
-
-  cfg = model.get_config(args.shape)
-  config = fewshot.get_config()
-  tokenizer = load_tokenizer()
+  from clip_lora_jax import checkpoints, training  # pylint: disable=import-outside-toplevel
+  cfg, config, tokenizer = base_setup(args.shape)
   impls = {"both": ["ours", "ours77", "ours_xla", "peer"], "ours": ["ours", "ours77", "ours_xla"],
            "peer": ["peer"]}[args.impl]
   impls = [i for i in impls if (args.untrimmed or i != "ours77")
