@@ -83,6 +83,7 @@ class Spec:
   warmup: int
   dtype: str
   attention: str
+  remat: bool
   extras: tuple[str, ...]  # Of EXTRAS, measured by this child.
   peer_tokens: str  # "77" (CLIP's context, as the reference's prompts) or "longest".
   profile: bool  # Kernel-time breakdown of ours (jax.profiler).
@@ -154,7 +155,7 @@ def run_ours(spec: Spec) -> dict[str, Any]:
   with timer("set-up"):
     lora_cfg = lora.LoRAConfig()
     step, initial_state, text, work = cpu_bench.lora_step_and_state(
-        cfg, lora_cfg, spec.token_ids, spec.dtype, attention=attention)
+        cfg, lora_cfg, spec.token_ids, spec.dtype, attention=attention, remat=spec.remat)
     images, labels = (jnp.asarray(x) for x in pixels_and_labels(spec))
     state = jax.block_until_ready(initial_state())
   try:
@@ -172,7 +173,7 @@ def run_ours(spec: Spec) -> dict[str, Any]:
       if name in stages:
         stages[f"{name} (cuDNN, failed)"] = stages.pop(name)
     step, *_ = cpu_bench.lora_step_and_state(cfg, lora_cfg, spec.token_ids, spec.dtype,
-                                             attention=attention)
+                                             attention=attention, remat=spec.remat)
     with timer("lowering"):
       lowered = step.lower(state, params, images, labels, text)
     with timer("compilation"):
@@ -533,6 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
                  help="our attention kernel (model.ATTENTION_IMPLEMENTATIONS); with cudnn, a "
                       "shape cuDNN refuses falls back to xla, reported")
+  p.add_argument("--remat", action="store_true",
+                 help="ours with rematerialised blocks (--config.remat): less memory, more work")
   p.add_argument("--impl", choices=("both", "ours", "peer"), default="both")
   p.add_argument("--no-warm", action="store_true", help="skip the second (cached) run of ours")
   p.add_argument("--compare-attention", action="store_true",
@@ -588,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
                 image_size=cfg.vision.image_size, batch=args.batch, classes=classes,
                 token_ids=tokenizer([cpu_bench.TEMPLATE.format(n) for n in names]).tolist(),
                 steps=args.steps, warmup=args.warmup, dtype=args.dtype, attention=args.attention,
+                remat=args.remat,
                 extras=args.extras if classes == extras_classes else (),
                 peer_tokens=args.peer_tokens, profile=args.profile and classes == max(args.classes),
                 label="", inference_batch=args.inference_batch,

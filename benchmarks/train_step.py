@@ -139,7 +139,7 @@ def time_steps(run_step: Callable[[], None], spec: Spec) -> list[float]:
 
 
 def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "float32",
-                        untrimmed: bool = False, attention: str = "xla"
+                        untrimmed: bool = False, attention: str = "xla", remat: bool = False
                         ) -> tuple[Any, Any, Any, list[list[int]]]:
   """`training.make_train_step` as `train.py` builds it (the recipe's optimizer and schedule,
   the class prompts packed, or one per row at full length if `untrimmed`) for base architecture
@@ -161,7 +161,7 @@ def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "f
   work = ([[len(ids), ids.shape[1]]] if untrimmed
           else [[int(c), int(n)] for n, c in zip(lengths, counts)])
   step_config = training.StepConfig(cfg, lora_cfg, logit_scale=100.0,
-                                    dtype=training.DTYPES[dtype], attention=attention)
+                                    dtype=training.DTYPES[dtype], remat=remat, attention=attention)
 
   def initial_state():  # Made on the host CPU as train.py makes it, then put on the device.
     with sharding.on_host():
@@ -212,6 +212,26 @@ def run_ours(spec: Spec) -> dict[str, Any]:
           "import_rss": import_rss, "trainable": lora.num_parameters(state["lora"]),
           "peak_gflops": matmul_peak_gflops(jnp.dtype(spec.dtype)),
           "versions": {"jax": jax.__version__}}
+
+
+def xla_memory(shape: str, batch: int, token_ids: list[list[int]], dtype: str) -> None:
+  """Prints XLA's own account of our step's memory (temporaries, arguments), with and without
+  rematerialised blocks (`--config.remat`): compiled from shapes alone, nothing run."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from clip_lora_jax import lora, model  # pylint: disable=import-outside-toplevel
+  cfg = model.get_config(shape)
+  size = cfg.vision.image_size
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  for remat in (False, True):
+    step, initial_state, text, _ = lora_step_and_state(cfg, lora.LoRAConfig(), token_ids, dtype,
+                                                       remat=remat)
+    stats = step.lower(jax.eval_shape(initial_state), model.param_shapes(cfg), images, labels,
+                       text).compile().memory_analysis()
+    print(f"| {len(token_ids)} | {dtype} | {remat} | {gib(stats.temp_size_in_bytes)} | "
+          f"{gib(stats.argument_size_in_bytes)} |", flush=True)
 
 
 def matmul_peak_gflops(dtype: Any, n: int = 4096, repeats: int = 5) -> float:
@@ -417,6 +437,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "e.g. --xla_cpu_experimental_ynn_fusion_type=")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="compute dtype of ours (parameters stay float32)")
+  p.add_argument("--xla-memory", action="store_true",
+                 help="only print XLA's memory account of our step (temporaries, arguments), "
+                      "with and without --config.remat, at --dtype; nothing is run")
   p.add_argument("--child", choices=tuple(IMPL_LABELS), help=argparse.SUPPRESS)
   p.add_argument("--spec", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -438,6 +461,14 @@ def main(argv: list[str] | None = None) -> None:
   impls = [i for i in impls if (args.untrimmed or i != "ours77")
            and (args.ours_xla_flags or i != "ours_xla")]
   print(f"command: {shlex.join([os.path.relpath(sys.executable, REPO_ROOT), *sys.argv])}")
+  if args.xla_memory:
+    print("\n| classes | dtype | remat | XLA temporaries GiB | arguments GiB |\n"
+          "| ---: | --- | --- | ---: | ---: |")
+    for classes in args.classes:
+      names = class_names(classes, tokenizer)
+      xla_memory(args.shape, args.batch, tokenizer([TEMPLATE.format(n) for n in names]).tolist(),
+                 args.dtype)
+    return
   print(f"machine: {os.cpu_count()} CPUs; load average before: "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   for classes in args.classes:
