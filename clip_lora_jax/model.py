@@ -16,8 +16,8 @@ The base parameters and the low-rank pairs are two separate pytrees: see `clip_l
 
 Parameters keep the per-layer layout of the checkpoints (`layers_0`, `layers_1`, ...), but the
 blocks of a tower run as a `lax.scan` over their stacked weights: a tower compiles as one block
-instead of one per layer (a ViT-B/16 train step compiled in seconds instead of minutes on a
-GPU). The text tower also reads packed prompts: several prompts per row, each attending only to
+instead of one per layer (on an H200, the bf16 ViT-B/16 train step compiled in 31 s; unrolled,
+it had not compiled after 115 s). The text tower also reads packed prompts: several prompts per row, each attending only to
 itself (`clip_lora_jax.prompts`), so many prompts of mixed lengths cost their total length.
 """
 
