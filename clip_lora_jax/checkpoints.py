@@ -262,6 +262,13 @@ def _named(cfg: model_lib.CLIPConfig) -> model_lib.CLIPConfig:
   return cfg
 
 
+def _checked(cfg: model_lib.CLIPConfig, where: str) -> model_lib.CLIPConfig:
+  """`cfg` named after the known architecture it equals, once its sizes are checked to be sane
+  (before anything is traced or allocated for it)."""
+  model_lib.check_sizes(cfg, where)
+  return _named(cfg)
+
+
 def _activation(act: str, where: str) -> str:
   if act not in ACTIVATIONS:
     raise UserError(f"{where}: activation {act!r} is not supported; use one of {ACTIVATIONS}.")
@@ -292,7 +299,7 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> model_lib.CLIPConfig:
     raise UserError(f"config.json: vision_config.num_channels is {vision.num_channels}; only RGB "
                     "images (3 channels) are supported.")
   image_size, patch_size = (_square(vision, k) for k in ("image_size", "patch_size"))
-  return _named(model_lib.CLIPConfig(
+  return _checked(model_lib.CLIPConfig(
       embed_dim=hf.projection_dim,
       vision=model_lib.VisionConfig(width=vision.hidden_size, layers=vision.num_hidden_layers,
                                     heads=vision.num_attention_heads,
@@ -302,7 +309,7 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> model_lib.CLIPConfig:
                                 heads=text.num_attention_heads, mlp_dim=text.intermediate_size,
                                 vocab_size=text.vocab_size,
                                 context_length=text.max_position_embeddings),
-      activation=acts.pop(), layer_norm_eps=float(text.layer_norm_eps)))
+      activation=acts.pop(), layer_norm_eps=float(text.layer_norm_eps)), "config.json")
 
 
 def _square(vision: transformers.CLIPVisionConfig, key: str) -> int:
@@ -360,7 +367,7 @@ def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_
   grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
   text_width = shape("ln_final.weight")[0]
   mlp_dim = lambda prefix: shape(f"{prefix}0.mlp.c_fc.weight")[0]
-  return _named(model_lib.CLIPConfig(
+  return _checked(model_lib.CLIPConfig(
       embed_dim=shape("text_projection")[1],
       vision=model_lib.VisionConfig(width=vision_width, layers=layers(vision_prefix),
                                     heads=vision_width // 64, mlp_dim=mlp_dim(vision_prefix),
@@ -369,7 +376,7 @@ def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_
                                 heads=text_width // 64, mlp_dim=mlp_dim(text_prefix),
                                 vocab_size=shape("token_embedding.weight")[0],
                                 context_length=shape("positional_embedding")[0]),
-      activation=_activation(activation, "config_from_openclip")))
+      activation=_activation(activation, "config_from_openclip")), "the OpenCLIP state dict")
 
 
 # ------------------------------------------------------------------------------------------------

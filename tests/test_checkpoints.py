@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import stat
 
 import huggingface_hub
 import jax
@@ -307,6 +309,26 @@ def test_bad_configs_raise():
     checkpoints.config_from_hf({"text_config": {"hidden_size": 65}})
   with pytest.raises(UserError, match="key 'visual.conv1.weight' is missing"):
     checkpoints.config_from_openclip({"logit_scale": np.zeros(())})
+
+
+@pytest.mark.parametrize("tower,sizes,message", [
+    ("vision_config", {"hidden_size": -64}, "vision.width=-64 must be a positive integer"),
+    ("text_config", {"num_hidden_layers": 1_000_000}, "text.layers=1000000 is more than any"),
+    ("vision_config", {"hidden_size": 65536, "intermediate_size": 262144,
+                       "num_hidden_layers": 64, "num_attention_heads": 64},
+     "the architecture has about 3.30e+12 parameters, more than any CLIP"),
+])
+def test_absurd_sizes_in_a_config_json_are_refused_before_anything_is_allocated(
+    tmp_path, tower, sizes, message):
+  config = json.loads(json.dumps(TINY_HF_CONFIG))
+  config[tower].update(sizes)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match=re.escape(f"config.json: {message}")):
+    checkpoints.load_pretrained(str(tmp_path))  # no weights needed: refused first
+  described = dataclasses.asdict(model.get_config("tiny"))
+  described["text"]["layers"] = 1_000_000
+  with pytest.raises(UserError, match="text.layers=1000000"):
+    model.config_from_dict(described)  # an adapter file's base_config
 
 
 @pytest.fixture
