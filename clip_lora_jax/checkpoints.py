@@ -29,6 +29,7 @@ import safetensors.numpy
 import transformers
 from flax import traverse_util
 
+from clip_lora_jax import files
 from clip_lora_jax import model as model_lib
 from clip_lora_jax import tokenizer as tokenizer_lib
 from clip_lora_jax.errors import UserError
@@ -492,8 +493,8 @@ def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any]
 
   The tokenizer files are those `tokenizer.load_tokenizer(tokenizer_dir)` uses (the checkpoint's
   own, else CLIP's shipped vocabulary). Everything is written into a temporary sibling directory
-  renamed into place at the end, so `directory` is never left half-written. `directory` must not
-  exist or be empty.
+  renamed into place at the end, so `directory` is never left half-written; it gets the mode the
+  umask gives new directories. `directory` must not exist or be empty.
   """
   if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
     raise UserError(f"save_hf: {directory!r} already exists and is not an empty directory; choose "
@@ -508,11 +509,14 @@ def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any]
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.", dir=parent)
   try:
+    files.chmod_as_new(tmp)  # mkdtemp makes it 0700
     with open(os.path.join(tmp, HF_CONFIG), "w") as f:
       json.dump(config_to_hf(cfg), f, indent=2)
     safetensors.numpy.save_file(state, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
     tokenizer.backend.model_max_length = cfg.text.context_length
     tokenizer.backend.save_pretrained(tmp)
+    for name in os.listdir(tmp):  # safetensors writes 0600 files
+      files.chmod_as_new(os.path.join(tmp, name))
     if os.path.isdir(directory):
       os.rmdir(directory)
     os.replace(tmp, directory)
