@@ -85,10 +85,9 @@ def make_optimizer(optimizer: ml_collections.ConfigDict, steps: int) -> optax.Gr
 
 def classification_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
                         logit_scale: float) -> tuple[jax.Array, jax.Array]:
-  """Mean cross-entropy of logit_scale * cos(image, text) and the batch top-1 accuracy."""
+  """Mean cross-entropy of the logits logit_scale * cos(image, text), and those (B, C) logits."""
   logits = model.cosine_logits(image_emb, text_emb, logit_scale)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  return loss, (jnp.argmax(logits, -1) == labels).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +108,33 @@ class StepConfig:
     return "text" in lora.ENCODERS[self.lora_config.encoders]
 
 
+def training_loss(lora_params: model.Params, base_params: model.Params, images: jax.Array,
+                  labels: jax.Array, text: jax.Array | tuple[jax.Array, ...], rng: jax.Array,
+                  step_config: StepConfig) -> tuple[jax.Array, jax.Array]:
+  """(loss, (B, C) logits) of an adapter in training mode: what the train step differentiates
+  with respect to `lora_params`, for computing gradients or debugging a run.
+
+  Training mode: LoRA dropout is drawn from `rng` (the train step passes fold_in(state rng,
+  step)), split between the image and the text tower. `text` is what `make_train_step` takes.
+  """
+  sc = step_config
+  common = dict(lora_scale=sc.lora_config.scale, lora_dropout=sc.lora_config.dropout,
+                dtype=sc.dtype, remat=sc.remat)
+  image_rng, text_rng = jax.random.split(rng)
+  pairs = sc.lora_config.pairs(lora_params)
+  image_emb = model.encode_images(base_params, images, sc.model_config, lora=pairs,
+                                  dropout_rng=image_rng, **common)
+  if sc.text_trains:
+    groups = text if isinstance(text, tuple) else (text,)
+    text = jnp.concatenate([
+        model.encode_texts(base_params, ids, sc.model_config, lora=pairs,
+                           dropout_rng=jax.random.fold_in(text_rng, g), **common)
+        for g, ids in enumerate(groups)])
+    if sc.class_rows is not None:
+      text = text[np.asarray(sc.class_rows)]
+  return classification_loss(image_emb, text, labels, sc.logit_scale)
+
+
 def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None) -> Callable:
   """A jitted `(state, base_params, images, labels, text) -> (state, metrics)` with donated state.
@@ -117,28 +143,20 @@ def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransforma
   gradients every step): one (C, T) array, or a tuple of groups of rows (`group_prompts`), each
   (C_g, T_g) at its own length, whose encodings `step_config.class_rows` puts in class order.
   Otherwise `text` is the (C, E) text embeddings, computed once.
-  Gradients are taken with respect to the LoRA pytree only; base params are an argument (not a
-  closure) so they are not baked into the compiled program as constants. With a `mesh`, the
-  inputs' shardings drive the partitioning and the new state comes out replicated.
-  """
-  sc = step_config
-  common = dict(lora_scale=sc.lora_config.scale, lora_dropout=sc.lora_config.dropout,
-                dtype=sc.dtype, remat=sc.remat)
+  Gradients of `training_loss` are taken with respect to the LoRA pytree only; base params are
+  an argument (not a closure) so they are not baked into the compiled program as constants. With
+  a `mesh`, the inputs' shardings drive the partitioning and the new state comes out replicated.
 
+  The state is donated (`donate_argnums=(0,)`): XLA may write the new state into the buffers of
+  the one passed in, so a step holds one copy of the LoRA parameters and optimizer moments, not
+  two. The arrays of the state passed in must not be used after the call: use the returned
+  state (copy it first, `jax.tree.map(jnp.copy, state)`, to keep both). The base params, images
+  and text are not donated and can be passed again.
+  """
   def loss_fn(lora_params, base_params, images, labels, text, rng):
-    image_rng, text_rng = jax.random.split(rng)
-    pairs = sc.lora_config.pairs(lora_params)
-    image_emb = model.encode_images(base_params, images, sc.model_config, lora=pairs,
-                                    dropout_rng=image_rng, **common)
-    if sc.text_trains:
-      groups = text if isinstance(text, tuple) else (text,)
-      text = jnp.concatenate([
-          model.encode_texts(base_params, ids, sc.model_config, lora=pairs,
-                             dropout_rng=jax.random.fold_in(text_rng, g), **common)
-          for g, ids in enumerate(groups)])
-      if sc.class_rows is not None:
-        text = text[np.asarray(sc.class_rows)]
-    return classification_loss(image_emb, text, labels, sc.logit_scale)
+    loss, logits = training_loss(lora_params, base_params, images, labels, text, rng,
+                                 step_config)
+    return loss, (jnp.argmax(logits, -1) == labels).mean()
 
   def step(state: State, base_params, images, labels, text):
     rng = jax.random.fold_in(state["rng"], state["step"])

@@ -186,3 +186,27 @@ def test_grouped_prompts_give_the_ungrouped_loss_and_gradients():
                      jax.tree.leaves(adapter)):
     np.testing.assert_allclose(x - a, y - a, rtol=1e-4, atol=1e-6)  # the gradients
   assert training.prompt_groups_for(10) == 1 and training.prompt_groups_for(1000) == 4
+
+
+def test_training_loss_is_what_the_train_step_differentiates():
+  lora_config = lora.LoRAConfig(rank=2, dropout=0.25)
+  step_config = training.StepConfig(TINY, lora_config)
+  base = model.init_params(jax.random.key(0), TINY)
+  adapter = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.PRNGKey(0), TINY, lora_config))
+  ids = np.zeros((3, 8), np.int32)
+  ids[:, 0], ids[:, 1], ids[:, 2] = 49406, [320, 1125, 539], 49407
+  images, labels = separable_batch(np.random.default_rng(0), 8, 3)
+  optimizer = optax.sgd(1.0)  # the new adapter is the old one minus the gradient
+  state = training.init_state(3, adapter, optimizer)
+  rng = jax.random.fold_in(state["rng"], state["step"])  # the step's dropout key
+
+  (loss, logits), grads = jax.value_and_grad(training.training_loss, has_aux=True)(
+      adapter, base, images, labels, jnp.asarray(ids), rng, step_config)
+  new_state, metrics = training.make_train_step(step_config, optimizer)(
+      jax.tree.map(jnp.copy, state), base, images, labels, jnp.asarray(ids))
+  assert logits.shape == (8, 3)
+  assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+  assert float(metrics["accuracy"]) == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
+  for new, old, grad in zip(jax.tree.leaves(new_state["lora"]), jax.tree.leaves(adapter),
+                            jax.tree.leaves(grads)):
+    np.testing.assert_allclose(old - new, grad, rtol=1e-4, atol=1e-6)
