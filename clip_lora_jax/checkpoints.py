@@ -50,6 +50,8 @@ HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json"
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+# The prompt template a merged model was trained with, next to its Hugging Face files.
+PROMPT_FILE = "clip_lora_jax.json"
 ACTIVATIONS = ("quick_gelu", "gelu")
 # Buffers some checkpoints carry that are not weights: HF position ids, OpenAI JIT metadata.
 _IGNORED_HF_KEY = re.compile(r".*\.position_ids$")
@@ -487,9 +489,11 @@ def _openclip_activation(directory: str) -> str:
 
 
 def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any],
-            tokenizer_dir: str | None = None) -> None:
+            tokenizer_dir: str | None = None, template: str | None = None) -> None:
   """Writes a Hugging Face checkpoint directory that `transformers.CLIPModel.from_pretrained`
-  and `CLIPTokenizer.from_pretrained` load: `config.json`, `model.safetensors` and tokenizer files.
+  and `CLIPTokenizer.from_pretrained` load: `config.json`, `model.safetensors` and tokenizer files;
+  with `template`, also the prompt template the model was trained with (`PROMPT_FILE`, read by
+  `recorded_template`).
 
   The tokenizer files are those `tokenizer.load_tokenizer(tokenizer_dir)` uses (the checkpoint's
   own, else CLIP's shipped vocabulary). Everything is written into a temporary sibling directory
@@ -512,6 +516,9 @@ def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any]
     files.chmod_as_new(tmp)  # mkdtemp makes it 0700
     with open(os.path.join(tmp, HF_CONFIG), "w") as f:
       json.dump(config_to_hf(cfg), f, indent=2)
+    if template is not None:
+      with open(os.path.join(tmp, PROMPT_FILE), "w") as f:
+        json.dump({"template": template}, f, indent=2)
     safetensors.numpy.save_file(state, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
     tokenizer.backend.model_max_length = cfg.text.context_length
     tokenizer.backend.save_pretrained(tmp)
@@ -522,3 +529,16 @@ def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any]
     os.replace(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recorded_template(directory: str) -> str | None:
+  """The prompt template `save_hf` recorded in a checkpoint directory; None if it records none."""
+  path = os.path.join(directory, PROMPT_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)["template"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path!r} does not record a prompt template ({e}); remove it, or pass "
+                    "--templates=config") from e

@@ -203,13 +203,15 @@ FORMAT = "clip_lora_jax.llu/1"
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-  """A trained LLU adapter with its anchors and the identity of its base."""
+  """A trained LLU adapter with its anchors, the identity of its base and the prompt template it
+  was trained with (None in files written before templates were recorded)."""
   params: Params
   anchors: dict[str, np.ndarray]
   config: LLUConfig
   base_name: str
   base_config: model.CLIPConfig
   base_fingerprint: str
+  template: str | None = None
 
 
 def save_adapter(path: str, adapter: Adapter) -> None:
@@ -219,7 +221,8 @@ def save_adapter(path: str, adapter: Adapter) -> None:
   metadata = {"format": FORMAT, "method": "llu",
               "llu_config": json.dumps(adapter.config.to_dict()),
               **lora.base_metadata(adapter.base_name, adapter.base_config,
-                                   adapter.base_fingerprint)}
+                                   adapter.base_fingerprint),
+              **lora.template_metadata(adapter.template)}
   files.write_safetensors(path, tensors, metadata)
 
 
@@ -235,7 +238,7 @@ def load_adapter(path: str) -> Adapter:
     raise UserError(f"{path!r}: the file holds maps for {sorted(params)} and anchors for "
                     f"{sorted(anchors)} where its config adapts {list(config.adapted)}")
   return Adapter(jax.tree.map(jnp.asarray, params), anchors, config,
-                 *lora.base_from_metadata(metadata))
+                 *lora.base_from_metadata(metadata), metadata.get("template"))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4))
@@ -324,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            desc=f"LLU {run.spec.name} {config.shots}-shot",
                            validation=validation if "val" in feats else None)
       adapter = Adapter(jax.device_get(state["llu"]), anchors, llu_config, base.name, base.config,
-                        base.fingerprint)
+                        base.fingerprint, config.template)
       if run.lead:
         save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
       test = run.test_accuracy(logits_fn(params, base.config, adapter, classifier))

@@ -6,7 +6,7 @@ file, and one line in each table below.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ml_collections
@@ -42,3 +42,27 @@ def load_adapter(path: str) -> lora.Adapter | llu.Adapter:
     raise UserError(f"{path!r} is not a clip_lora_jax adapter file (format "
                     f"{metadata.get('format')!r}; known: {', '.join(ADAPTER_READERS)})")
   return reader(path)
+
+
+def check_overrides(adapter: lora.Adapter | llu.Adapter, config: ml_collections.ConfigDict,
+                    overrides: Iterable[str]) -> None:
+  """Raises a UserError naming every command-line override (`--config.KEY=...`, the keys given)
+  of an adapter-defining key that contradicts `adapter`: its method, or a setting of its own
+  section (`lora.*`, `llu.*`) or of another method's section. The adapter's settings always
+  apply; an override that does not change them is accepted."""
+  section, other = ("llu", "lora") if isinstance(adapter, llu.Adapter) else ("lora", "llu")
+  method = "llu" if isinstance(adapter, llu.Adapter) else adapter.config.method
+  given = {key[len(section) + 1:] for key in overrides if key.startswith(f"{section}.")}
+  requested = type(adapter.config).from_dict(
+      {**adapter.config.to_dict(), **{key: config[section][key] for key in given}})
+  problems = [f"{section}.{key}={getattr(requested, key)!r} (the adapter's is "
+              f"{getattr(adapter.config, key)!r})"
+              for key in sorted(given) if getattr(requested, key) != getattr(adapter.config, key)]
+  if "method" in overrides and config.method != method:
+    problems.append(f"method={config.method!r} (the adapter's is {method!r})")
+  problems += [f"{key} (not a setting of a {method!r} adapter)"
+               for key in sorted(overrides) if key.startswith(f"{other}.")]
+  if problems:
+    raise UserError(f"the command line contradicts the adapter: {'; '.join(problems)}. The "
+                    "adapter's own settings apply: drop these overrides, or pass the adapter "
+                    "that has them")

@@ -394,12 +394,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   learning_rate_schedule(config.optimizer, steps), steps,
                   desc=f"{spec.name} {config.shots}-shot", validation=validation)
       adapter = lora.Adapter(jax.device_get(state["lora"]), lora_config, base.name, base.config,
-                             base.fingerprint)
+                             base.fingerprint, config.template)
       if run.lead:
         lora.save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
         if config.export_merged:
           checkpoints.save_hf(os.path.join(workdir, "merged"), base.config,
-                              lora.merge(base.params, adapter.lora, lora_config))
+                              lora.merge(base.params, adapter.lora, lora_config),
+                              template=adapter.template)
       test = run.test_accuracy(logits_fn(state))
       writer.write(steps, {f"test/{k}": v for k, v in test.items()})
   return run.finish(lora.num_parameters(adapter.lora), test)

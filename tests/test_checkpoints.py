@@ -248,12 +248,26 @@ def test_save_hf_default_tokenizer_and_existing_directory(tiny, tmp_path):
   _, _, cfg, params = tiny
   checkpoints.save_hf(str(tmp_path / "a"), cfg, params)
   assert tokenizer_lib.load_tokenizer(str(tmp_path / "a")).vocab_size == 49408
+  assert checkpoints.recorded_template(str(tmp_path / "a")) is None
   with pytest.raises(UserError, match="already exists"):
     checkpoints.save_hf(str(tmp_path / "a"), cfg, params)
   with pytest.raises(UserError, match="tokenizer has 49408 tokens but the model's vocabulary "
                                       "has 1000"):
     small_vocab = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=1000))
     checkpoints.save_hf(str(tmp_path / "b"), small_vocab, params)
+
+
+def test_save_hf_records_the_template_with_the_umask_permissions(tiny, tmp_path):
+  _, _, cfg, params = tiny
+  old = os.umask(0o022)
+  try:
+    checkpoints.save_hf(str(tmp_path / "merged"), cfg, params, template="{} texture.")
+  finally:
+    os.umask(old)
+  assert checkpoints.recorded_template(str(tmp_path / "merged")) == "{} texture."
+  assert stat.S_IMODE(os.stat(tmp_path / "merged").st_mode) == 0o755
+  for name in os.listdir(tmp_path / "merged"):
+    assert stat.S_IMODE(os.stat(tmp_path / "merged" / name).st_mode) == 0o644, name
 
 
 # ------------------------------------------------------------------------------------------------

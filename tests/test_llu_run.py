@@ -52,6 +52,14 @@ def test_llu_trains_resumes_and_eval_py_reads_its_adapter(tmp_path):
     np.testing.assert_array_equal(x, y)
   assert len(os.listdir(tmp_path / "cache" / "features")) == 1  # computed once, then reused
 
+  # The adapter fixes its settings: command-line overrides contradicting it are refused.
+  assert adapter.template == config.template
+  methods.check_overrides(adapter, config, ["llu.gamma"])  # 0.5, the adapter's own
+  config.llu.gamma, config.lora = 0.3, runlocal.get_config().lora
+  with pytest.raises(UserError, match=r"llu.gamma=0.3 \(the adapter's is 0.5\); lora.rank \(not "
+                                      r"a setting of a 'llu' adapter\)"):
+    methods.check_overrides(adapter, config, ["llu.gamma", "lora.rank"])
+
 
 def test_view_features_are_the_first_epochs_of_the_train_stream(tmp_path):
   base_config = model.get_config("tiny")
