@@ -8,7 +8,9 @@
   python train.py --config configs/llu.py --helpfull   # every flag and config key
 
 The workdir receives `adapter.safetensors`, `results.json`, `metrics.jsonl`, TensorBoard events
-and orbax checkpoints; re-running the same command resumes from the last checkpoint.
+and orbax checkpoints, and belongs to one run: re-running the same command resumes from the last
+checkpoint (or, once finished, prints the results), another config there is refused unless
+--overwrite replaces that run.
 """
 
 import functools
@@ -29,7 +31,9 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file (e.g. configs/fewshot.py:dataset=dtd,shots=4,seed=2); any value "
     "can be overridden with --config.KEY=VALUE (--helpfull lists every key).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results (shared by "
-                    "all processes of a multi-host run).")
+                    "all processes of a multi-host run); it holds one run.")
+flags.DEFINE_bool("overwrite", False, "Replace the run the workdir holds (its checkpoints, "
+                  "metrics, adapter and results) instead of refusing another config there.")
 flags.DEFINE_bool("distributed", False, "Multi-host run whose peers JAX finds itself (TPU pod "
                   "slices, Slurm): calls jax.distributed.initialize() with no arguments.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs elsewhere: host:port of "
@@ -50,7 +54,7 @@ def main(argv):
       from clip_lora_jax import methods, sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                     auto=f.distributed)
-    results = methods.train_and_evaluate(f.config, f.workdir)
+    results = methods.train_and_evaluate(f.config, f.workdir, f.overwrite)
   if jax.process_index() == 0:
     print(f"test top-1 {results['test_top1']:.2f}%  top-5 {results['test_top5']:.2f}%  "
           f"({results['test_count']} images) -> {f.workdir}/results.json")

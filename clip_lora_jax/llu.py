@@ -41,7 +41,7 @@ import scipy.cluster.hierarchy
 from flax import traverse_util
 
 from clip_lora_jax import data, evaluation, features, files, lora, metrics, model, sharding
-from clip_lora_jax import training
+from clip_lora_jax import training, workdirs
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.model import Params, cosine_logits, normalize
 
@@ -199,6 +199,8 @@ def num_parameters(params: Params) -> int:
 
 
 FORMAT = "clip_lora_jax.llu/1"
+NO_MERGED_EXPORT = ("config.export_merged=True: an LLU adapter updates embeddings, not weights, so "
+                    "there is no merged model to export; drop the override")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,14 +283,18 @@ def make_train_step(config: LLUConfig, optimizer: optax.GradientTransformation) 
   return jax.jit(step, donate_argnums=(0,))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains LLU as `config` says (resuming from `workdir`'s last checkpoint); returns and (on
-  process 0) writes `results.json` with the test top-1 / top-5 of CLIP with the adapter."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """Trains LLU as `config` says (resuming from `workdir`'s last checkpoint; `overwrite`:
+  replacing the run there); returns and (on process 0) writes `results.json` with the test
+  top-1 / top-5 of CLIP with the adapter."""
   if "llu" not in config:
     raise UserError("config.method='llu' needs an `llu` section and LLU's training recipe; "
                     "start from configs/llu.py")
+  if config.export_merged:
+    raise UserError(NO_MERGED_EXPORT)
   llu_config = LLUConfig.from_dict(config.llu.to_dict())
-  run = training.start_run(config, workdir)
+  run = training.start_run(config, workdir, overwrite)
   base, mesh = run.base, run.mesh
   params = sharding.put_replicated(base.params, mesh)
 
@@ -329,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       adapter = Adapter(jax.device_get(state["llu"]), anchors, llu_config, base.name, base.config,
                         base.fingerprint, config.template)
       if run.lead:
-        save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
+        save_adapter(os.path.join(workdir, workdirs.ADAPTER_FILE), adapter)
       test = run.test_accuracy(logits_fn(params, base.config, adapter, classifier))
       writer.write(run.steps, {f"test/{k}": v for k, v in test.items()})
   return run.finish(num_parameters(adapter.params), test)

@@ -1,21 +1,24 @@
 """The few-shot methods, by the name `config.method` gives them.
 
-A new method is one module (its math and a `train_and_evaluate(config, workdir)`), one config
-file, and one line in each table below.
+A new method is one module (its math and a `train_and_evaluate(config, workdir, overwrite)`),
+one config file, and one line in each table below.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import ml_collections
 
-from clip_lora_jax import block_lora, files, llu, lora, training
+from clip_lora_jax import base as base_lib
+from clip_lora_jax import block_lora, files, llu, lora, training, workdirs
 from clip_lora_jax.errors import UserError
 
 # Weight-space adapters (LoRA and its variants) share the train step of `training`.
-TRAINERS: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] = {
+TRAINERS: dict[str, Callable[[ml_collections.ConfigDict, str, bool], dict[str, Any]]] = {
     lora.LoRAConfig.method: training.train_and_evaluate,
     block_lora.BlockLoRAConfig.method: training.train_and_evaluate,
     "llu": llu.train_and_evaluate,
@@ -27,11 +30,38 @@ ADAPTER_READERS: dict[str, Callable[[str], Any]] = {
 }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs `config.method` (train.py's entry point)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """Runs `config.method` (train.py's entry point) in `workdir`, resuming the run there.
+
+  A workdir holding this run finished is not trained again: its results are returned (and, with
+  `config.export_merged`, the merged model is added if missing). One holding another run is
+  refused, unless `overwrite` replaces it.
+  """
   if config.method not in TRAINERS:
     raise UserError(f"config.method={config.method!r}: use one of {', '.join(TRAINERS)}")
-  return TRAINERS[config.method](config, workdir)
+  if not overwrite:
+    results = workdirs.finished_results(config, workdir)
+    if results is not None:
+      if jax.process_index() == 0:
+        print(f"{workdir} holds this run, finished: nothing to train", flush=True)
+        if config.export_merged:
+          export_finished(config, workdir)
+      return results
+  return TRAINERS[config.method](config, workdir, overwrite)
+
+
+def export_finished(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Adds the merged model to the workdir of a finished weight-space run, from its adapter file
+  (no retraining); nothing if it is there."""
+  if os.path.isdir(os.path.join(workdir, workdirs.MERGED_DIR)):
+    return
+  adapter = load_adapter(os.path.join(workdir, workdirs.ADAPTER_FILE))
+  if not isinstance(adapter, lora.Adapter):
+    raise UserError(llu.NO_MERGED_EXPORT)
+  base = base_lib.load_base_model(config.model, config.random_init, config.seed)
+  lora.check_compatible(adapter, base.name, base.config, base.fingerprint)
+  training.export_merged(workdir, base, adapter)
 
 
 def load_adapter(path: str) -> lora.Adapter | llu.Adapter:

@@ -89,11 +89,12 @@ def train_cmd(workdir: str, *overrides: str, config_arg: str = "") -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def runlocal_run(tmp_path_factory) -> tuple[str, str]:
-  """(workdir, stdout) of one uninterrupted `train.py` run with RUNLOCAL_OVERRIDES, shared by
-  the tests that check its outputs and those that compare killed-and-resumed runs with it."""
+def runlocal_run(tmp_path_factory) -> tuple[str, str, str]:
+  """(workdir, stdout, stderr) of one uninterrupted `train.py` run with RUNLOCAL_OVERRIDES,
+  shared by the tests that check its outputs and those that compare killed-and-resumed runs with
+  it. Tests that run in its workdir again work on a copy."""
   workdir = str(tmp_path_factory.mktemp("runlocal") / "run")
   out = subprocess.run(train_cmd(workdir, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  return workdir, out.stdout
+  return workdir, out.stdout, out.stderr

@@ -188,6 +188,23 @@ def test_grouped_prompts_give_the_ungrouped_loss_and_gradients():
   assert training.prompt_groups_for(10) == 1 and training.prompt_groups_for(1000) == 4
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("seed", -1, "config.seed=-1"),
+    ("optimizer.learning_rate", 0.0, "learning_rate=0.0: must be a finite number > 0"),
+    ("optimizer.learning_rate", float("nan"), "learning_rate=nan"),
+    ("optimizer.min_learning_rate", 1.0, "min_learning_rate=1.0"),
+    ("optimizer.b2", 1.5, "b2=1.5"),
+    ("logit_scale", float("inf"), "logit_scale=inf"),
+    ("data_dir", "/nonexistent/tfds", "prepare the dataset there first"),
+    ("split_file", "/nonexistent/split_zhou_EuroSAT.json", "split_file='/nonexistent"),
+])
+def test_numbers_and_paths_no_run_can_use_are_user_errors(key, value, message):
+  config = fewshot.get_config()
+  config.update_from_flattened_dict({key: value})
+  with pytest.raises(UserError, match=message):
+    training.validate(config)
+
+
 def test_training_loss_is_what_the_train_step_differentiates():
   lora_config = lora.LoRAConfig(rank=2, dropout=0.25)
   step_config = training.StepConfig(TINY, lora_config)
