@@ -3,22 +3,28 @@ or LLU), or a merged checkpoint.
 
   # zero-shot CLIP (CoOp-protocol template of the dataset; --templates=ensemble for CLIP's 80)
   python eval.py --config configs/fewshot.py:dataset=eurosat
-  # a trained adapter on its base model
+  # a trained adapter on its base model, with the prompt template it was trained with
   python eval.py --config configs/fewshot.py:dataset=eurosat --adapter runs/eurosat/adapter.safetensors
   # a merged model exported by train.py (config.export_merged=True), in Hugging Face layout
   python eval.py --config configs/fewshot.py:dataset=eurosat --config.model=runs/eurosat/merged
 """
 
+import functools
 import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves the input pipeline only.
+import sys
+from collections.abc import Iterable
 
 # pylint: disable=wrong-import-position
+from clip_lora_jax import cli
+
+cli.silence_library_noise(sys.argv)  # Before TensorFlow and transformers are imported.
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from clip_lora_jax import base as base_lib
-from clip_lora_jax import cli, data, evaluation, files, llu, lora, methods, training
+with cli.quiet_imports(sys.argv):
+  from clip_lora_jax import base as base_lib
+  from clip_lora_jax import checkpoints, data, evaluation, files, llu, lora, methods, training
 from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
@@ -29,30 +35,47 @@ flags.DEFINE_string("split", "test", "Benchmark split: train, val or test.")
 flags.DEFINE_enum("templates", "auto", ["auto", "config", "coop", "ensemble"],
                   "Prompts: config = config.template; coop = the dataset's template of the CoOp "
                   "protocol; ensemble = the dataset's template ensemble (CLIP's 80 for ImageNet); "
-                  "auto = config with an adapter (what it was trained with), coop without.")
+                  "auto = the template the adapter or merged model records (what it was trained "
+                  "with; config.template for files that record none, or when --config.template "
+                  "is given), coop for plain CLIP.")
 flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
 flags.mark_flags_as_required(["config"])
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "fewshot.py")
 
-def templates_for(spec: data.DatasetSpec, choice: str, template: str) -> tuple[str, ...]:
-  """The prompt templates `--templates` selects."""
+
+def templates_for(spec: data.DatasetSpec, choice: str, template: str,
+                  trained: str | None = None) -> tuple[str, ...]:
+  """The prompt templates `--templates` selects; `trained`: the template the evaluated model was
+  trained with, what `auto` picks (None: plain CLIP, auto picks the CoOp template)."""
+  if choice == "auto":
+    return (trained,) if trained else (spec.coop_template,)
   return {"config": (template,), "coop": (spec.coop_template,),
           "ensemble": tuple(spec.ensemble_templates)}[choice]
 
 
-def evaluate(config, adapter_path: str | None, split: str, choice: str) -> dict:
-  """Top-1 / top-5 of the (adapted) base model on `split` of the config's dataset."""
-  base = base_lib.load_base_model(config.model, config.random_init, config.seed)
+def evaluate(config, adapter_path: str | None, split: str, choice: str,
+             overrides: Iterable[str] = ()) -> dict:
+  """Top-1 / top-5 of the (adapted) base model on `split` of the config's dataset. `overrides`:
+  the config keys the command line sets, which must not contradict the adapter."""
+  overrides = set(overrides)
   spec = data.get_dataset(config.dataset)
-  params = base.params
   adapter = methods.load_adapter(adapter_path) if adapter_path else None
+  if adapter is not None:
+    methods.check_overrides(adapter, config, overrides)
+  base = base_lib.load_base_model(config.model, config.random_init, config.seed)
+  params = base.params
   if adapter is not None:
     lora.check_compatible(adapter, base.name, base.config, base.fingerprint)
   if isinstance(adapter, lora.Adapter):  # weight-space: merged, then plain CLIP
     params = lora.merge(base.params, adapter.lora, adapter.config)
-  if choice == "auto":
-    choice = "config" if adapter_path else "coop"
-  templates = templates_for(spec, choice, config.template)
+  if "template" in overrides:
+    trained = config.template
+  elif adapter is not None:
+    trained = adapter.template or config.template
+  else:
+    trained = checkpoints.recorded_template(config.model) if os.path.isdir(config.model) else None
+  templates = templates_for(spec, choice, config.template, trained)
   with training.data_context(config):
     classifier = evaluation.zero_shot_classifier(params, base.config, base.tokenizer,
                                                  spec.class_names, templates)
@@ -72,7 +95,10 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str) -> dict:
 def main(argv):
   f = cli.start(argv)
   with exit_on_user_error():
-    result = evaluate(f.config, f.adapter, f.split, f.templates)
+    if f.output:
+      files.check_writable(f.output, "--output")
+    result = evaluate(f.config, f.adapter, f.split, f.templates,
+                      config_flags.get_override_values(flags.FLAGS["config"]))
   print(f"{result['dataset']} {result['split']}: top-1 {result['top1']:.2f}%  "
         f"top-5 {result['top5']:.2f}%  ({result['count']} images)")
   if f.output:
@@ -80,4 +106,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags_or_exit,
+                                               default_config=DEFAULT_CONFIG))

@@ -28,6 +28,7 @@ import safetensors.numpy
 import transformers
 from flax import traverse_util
 
+from clip_lora_jax import files
 from clip_lora_jax import model as model_lib
 from clip_lora_jax import tokenizer as tokenizer_lib
 from clip_lora_jax.errors import UserError
@@ -48,6 +49,8 @@ HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json"
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+# The prompt template a merged model was trained with, next to its Hugging Face files.
+PROMPT_FILE = "clip_lora_jax.json"
 ACTIVATIONS = ("quick_gelu", "gelu")
 # Buffers some checkpoints carry that are not weights: HF position ids, OpenAI JIT metadata.
 _IGNORED_HF_KEY = re.compile(r".*\.position_ids$")
@@ -261,6 +264,13 @@ def _named(cfg: model_lib.CLIPConfig) -> model_lib.CLIPConfig:
   return cfg
 
 
+def _checked(cfg: model_lib.CLIPConfig, where: str) -> model_lib.CLIPConfig:
+  """`cfg` named after the known architecture it equals, once its sizes are checked to be sane
+  (before anything is traced or allocated for it)."""
+  model_lib.check_sizes(cfg, where)
+  return _named(cfg)
+
+
 def _activation(act: str, where: str) -> str:
   if act not in ACTIVATIONS:
     raise UserError(f"{where}: activation {act!r} is not supported; use one of {ACTIVATIONS}.")
@@ -291,7 +301,7 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> model_lib.CLIPConfig:
     raise UserError(f"config.json: vision_config.num_channels is {vision.num_channels}; only RGB "
                     "images (3 channels) are supported.")
   image_size, patch_size = (_square(vision, k) for k in ("image_size", "patch_size"))
-  return _named(model_lib.CLIPConfig(
+  return _checked(model_lib.CLIPConfig(
       embed_dim=hf.projection_dim,
       vision=model_lib.VisionConfig(width=vision.hidden_size, layers=vision.num_hidden_layers,
                                     heads=vision.num_attention_heads,
@@ -301,7 +311,7 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> model_lib.CLIPConfig:
                                 heads=text.num_attention_heads, mlp_dim=text.intermediate_size,
                                 vocab_size=text.vocab_size,
                                 context_length=text.max_position_embeddings),
-      activation=acts.pop(), layer_norm_eps=float(text.layer_norm_eps)))
+      activation=acts.pop(), layer_norm_eps=float(text.layer_norm_eps)), "config.json")
 
 
 def _square(vision: transformers.CLIPVisionConfig, key: str) -> int:
@@ -359,7 +369,7 @@ def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_
   grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
   text_width = shape("ln_final.weight")[0]
   mlp_dim = lambda prefix: shape(f"{prefix}0.mlp.c_fc.weight")[0]
-  return _named(model_lib.CLIPConfig(
+  return _checked(model_lib.CLIPConfig(
       embed_dim=shape("text_projection")[1],
       vision=model_lib.VisionConfig(width=vision_width, layers=layers(vision_prefix),
                                     heads=vision_width // 64, mlp_dim=mlp_dim(vision_prefix),
@@ -368,7 +378,7 @@ def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_
                                 heads=text_width // 64, mlp_dim=mlp_dim(text_prefix),
                                 vocab_size=shape("token_embedding.weight")[0],
                                 context_length=shape("positional_embedding")[0]),
-      activation=_activation(activation, "config_from_openclip")))
+      activation=_activation(activation, "config_from_openclip")), "the OpenCLIP state dict")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -478,14 +488,16 @@ def _openclip_activation(directory: str) -> str:
 
 
 def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any],
-            tokenizer_dir: str | None = None) -> None:
+            tokenizer_dir: str | None = None, template: str | None = None) -> None:
   """Writes a Hugging Face checkpoint directory that `transformers.CLIPModel.from_pretrained`
-  and `CLIPTokenizer.from_pretrained` load: `config.json`, `model.safetensors` and tokenizer files.
+  and `CLIPTokenizer.from_pretrained` load: `config.json`, `model.safetensors` and tokenizer files;
+  with `template`, also the prompt template the model was trained with (`PROMPT_FILE`, read by
+  `recorded_template`).
 
   The tokenizer files are those `tokenizer.load_tokenizer(tokenizer_dir)` uses (the checkpoint's
   own, else CLIP's shipped vocabulary). Everything is written into a temporary sibling directory
-  renamed into place at the end, so `directory` is never left half-written. `directory` must not
-  exist or be empty.
+  renamed into place at the end, so `directory` is never left half-written; it gets the mode the
+  umask gives new directories. `directory` must not exist or be empty.
   """
   if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
     raise UserError(f"save_hf: {directory!r} already exists and is not an empty directory; choose "
@@ -500,13 +512,32 @@ def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any]
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.", dir=parent)
   try:
+    files.chmod_as_new(tmp)  # mkdtemp makes it 0700
     with open(os.path.join(tmp, HF_CONFIG), "w") as f:
       json.dump(config_to_hf(cfg), f, indent=2)
+    if template is not None:
+      with open(os.path.join(tmp, PROMPT_FILE), "w") as f:
+        json.dump({"template": template}, f, indent=2)
     safetensors.numpy.save_file(state, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
     tokenizer.backend.model_max_length = cfg.text.context_length
     tokenizer.backend.save_pretrained(tmp)
+    for name in os.listdir(tmp):  # safetensors writes 0600 files
+      files.chmod_as_new(os.path.join(tmp, name))
     if os.path.isdir(directory):
       os.rmdir(directory)
     os.replace(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recorded_template(directory: str) -> str | None:
+  """The prompt template `save_hf` recorded in a checkpoint directory; None if it records none."""
+  path = os.path.join(directory, PROMPT_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)["template"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path!r} does not record a prompt template ({e}); remove it, or pass "
+                    "--templates=config") from e

@@ -41,7 +41,7 @@ import scipy.cluster.hierarchy
 from flax import traverse_util
 
 from clip_lora_jax import data, evaluation, features, files, lora, metrics, model, sharding
-from clip_lora_jax import training
+from clip_lora_jax import training, workdirs
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.model import Params, cosine_logits, normalize
 
@@ -199,12 +199,15 @@ def num_parameters(params: Params) -> int:
 
 
 FORMAT = "clip_lora_jax.llu/1"
+NO_MERGED_EXPORT = ("config.export_merged=True: an LLU adapter updates embeddings, not weights, so "
+                    "there is no merged model to export; drop the override")
 
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-  """A trained LLU adapter with its anchors, the identity of its base and the data it was trained
-  on (`lora.few_shot_metadata`; None where not recorded)."""
+  """A trained LLU adapter with its anchors, the identity of its base, the data it was trained on
+  (`lora.few_shot_metadata`) and the prompt template it was trained with (each None in files
+  written before it was recorded)."""
   params: Params
   anchors: dict[str, np.ndarray]
   config: LLUConfig
@@ -212,6 +215,7 @@ class Adapter:
   base_config: model.CLIPConfig
   base_fingerprint: str
   few_shot: dict[str, Any] | None = None
+  template: str | None = None
 
 
 def save_adapter(path: str, adapter: Adapter) -> None:
@@ -222,7 +226,7 @@ def save_adapter(path: str, adapter: Adapter) -> None:
               "llu_config": json.dumps(adapter.config.to_dict()),
               **lora.base_metadata(adapter.base_name, adapter.base_config,
                                    adapter.base_fingerprint),
-              **lora.few_shot_metadata(adapter.few_shot)}
+              **lora.few_shot_metadata(adapter.few_shot), **lora.template_metadata(adapter.template)}
   files.write_safetensors(path, tensors, metadata)
 
 
@@ -238,7 +242,8 @@ def load_adapter(path: str) -> Adapter:
     raise UserError(f"{path!r}: the file holds maps for {sorted(params)} and anchors for "
                     f"{sorted(anchors)} where its config adapts {list(config.adapted)}")
   return Adapter(jax.tree.map(jnp.asarray, params), anchors, config,
-                 *lora.base_from_metadata(metadata), lora.few_shot_from_metadata(metadata))
+                 *lora.base_from_metadata(metadata), lora.few_shot_from_metadata(metadata),
+                 metadata.get("template"))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4))
@@ -281,14 +286,18 @@ def make_train_step(config: LLUConfig, optimizer: optax.GradientTransformation) 
   return jax.jit(step, donate_argnums=(0,))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains LLU as `config` says (resuming from `workdir`'s last checkpoint); returns and (on
-  process 0) writes `results.json` with the test top-1 / top-5 of CLIP with the adapter."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """Trains LLU as `config` says (resuming from `workdir`'s last checkpoint; `overwrite`:
+  replacing the run there); returns and (on process 0) writes `results.json` with the test
+  top-1 / top-5 of CLIP with the adapter."""
   if "llu" not in config:
     raise UserError("config.method='llu' needs an `llu` section and LLU's training recipe; "
                     "start from configs/llu.py")
+  if config.export_merged:
+    raise UserError(NO_MERGED_EXPORT)
   llu_config = LLUConfig.from_dict(config.llu.to_dict())
-  run = training.start_run(config, workdir)
+  run = training.start_run(config, workdir, overwrite)
   base, mesh = run.base, run.mesh
   params = sharding.put_replicated(base.params, mesh)
 
@@ -328,9 +337,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            desc=f"LLU {run.spec.name} {config.shots}-shot",
                            validation=validation if "val" in feats else None)
       adapter = Adapter(jax.device_get(state["llu"]), anchors, llu_config, base.name, base.config,
-                        base.fingerprint, run.few_shot)
+                        base.fingerprint, run.few_shot, config.template)
       if run.lead:
-        save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
+        save_adapter(os.path.join(workdir, workdirs.ADAPTER_FILE), adapter)
       test = run.test_accuracy(logits_fn(params, base.config, adapter, classifier))
       writer.write(run.steps, {f"test/{k}": v for k, v in test.items()})
   return run.finish(num_parameters(adapter.params), test)

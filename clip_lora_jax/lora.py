@@ -74,6 +74,8 @@ class LoRAConfig:
                       f"{', '.join(MATRICES)}")
     if self.rank <= 0:
       raise UserError(f"lora.rank={self.rank}: the rank must be a positive integer")
+    if not math.isfinite(self.alpha):
+      raise UserError(f"lora.alpha={self.alpha}: must be a finite number")
     if self.scaling not in SCALINGS:
       raise UserError(f"lora.scaling={self.scaling!r}: use 'sqrt' (alpha/sqrt(r)) or 'linear' "
                       "(alpha/r)")
@@ -117,6 +119,8 @@ class LoRAConfig:
         d[key] = tuple(d[key])
     if isinstance(d.get("matrices"), str):
       d["matrices"] = tuple(m.strip() for m in d["matrices"].split(",") if m.strip())
+    if isinstance(d.get("layers"), str) and d["layers"] not in LAYER_SETS_12:
+      d["layers"] = _layer_list(d["layers"])
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
@@ -124,6 +128,15 @@ class LoRAConfig:
 
 
 ADAPTER_TYPES[LoRAConfig.method] = LoRAConfig
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+  """Explicit layer indices as the command line gives them: "0,1" -> (0, 1)."""
+  try:
+    return tuple(int(i) for i in text.split(","))
+  except ValueError:
+    raise UserError(f"lora.layers={text!r}: use one of {', '.join(LAYER_SETS_12)} or layer "
+                    "indices such as 0,1,2") from None
 
 
 def layer_indices(layers: str | Sequence[int], depth: int) -> tuple[int, ...]:
@@ -172,6 +185,12 @@ def init(rng: jax.Array, model_config: CLIPConfig, lora_config: LoRAConfig) -> P
             "b": jnp.zeros(b_shape, jnp.float32)}
     lora.setdefault(tower, {}).setdefault(f"layers_{layer}", {}).setdefault("attn", {})[matrix] = pair
   return lora
+
+
+def abstract_init(model_config: CLIPConfig, lora_config: LoRAConfig) -> Params:
+  """The shapes and dtypes of `init`'s adapter, nothing allocated; a UserError when the LoRA
+  config does not fit the architecture (a layer it lacks, blocks that do not divide a width)."""
+  return jax.eval_shape(lambda key: init(key, model_config, lora_config), jax.random.key(0))
 
 
 def _fold(params: Params, lora: Params, scale: float) -> Params:
@@ -229,14 +248,16 @@ def base_fingerprint(params: Params) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-  """An adapter with what it takes to apply it: its config and the identity of its base; and
-  `few_shot`, the data a run trained it on (`few_shot_metadata`), None where not recorded."""
+  """An adapter with what it takes to apply it: its config, the identity of its base, `few_shot`,
+  the data a run trained it on (`few_shot_metadata`), and the prompt template it was trained
+  with (each None in files written before it was recorded)."""
   lora: Params
   config: LoRAConfig
   base_name: str
   base_config: CLIPConfig
   base_fingerprint: str
   few_shot: dict[str, Any] | None = None
+  template: str | None = None
 
 
 def save_adapter(path: str, adapter: Adapter) -> None:
@@ -247,7 +268,7 @@ def save_adapter(path: str, adapter: Adapter) -> None:
   metadata = {"format": FORMAT, "method": adapter.config.method,
               "lora_config": json.dumps(adapter.config.to_dict()),
               **base_metadata(adapter.base_name, adapter.base_config, adapter.base_fingerprint),
-              **few_shot_metadata(adapter.few_shot)}
+              **few_shot_metadata(adapter.few_shot), **template_metadata(adapter.template)}
   flat = {k: np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(adapter.lora, sep=".").items()}
   files.write_safetensors(path, flat, metadata)
@@ -262,16 +283,21 @@ def load_adapter(path: str) -> Adapter:
   config = config_class.from_dict(json.loads(metadata["lora_config"]))
   base_name, base_config, fingerprint = base_from_metadata(metadata)
   lora = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="."))
-  expected = jax.eval_shape(lambda key: init(key, base_config, config), jax.random.key(0))
-  check_matches(lora, expected, what=f"adapter {path!r}")
+  check_matches(lora, abstract_init(base_config, config), what=f"adapter {path!r}")
   return Adapter(lora, config, base_name, base_config, fingerprint,
-                 few_shot_from_metadata(metadata))
+                 few_shot_from_metadata(metadata), metadata.get("template"))
 
 
 def base_metadata(base_name: str, base_config: CLIPConfig, fingerprint: str) -> dict[str, str]:
   """What an adapter file records of its base (every method's files: see `check_compatible`)."""
   return {"base_name": base_name, "base_config": json.dumps(dataclasses.asdict(base_config)),
           "base_fingerprint": fingerprint}
+
+
+def template_metadata(template: str | None) -> dict[str, str]:
+  """What an adapter file records of the prompt template it was trained with (eval.py's
+  default prompts for it)."""
+  return {} if template is None else {"template": template}
 
 
 def base_from_metadata(metadata: dict[str, str]) -> tuple[str, CLIPConfig, str]:

@@ -8,6 +8,10 @@ import os
 import time
 from collections.abc import Mapping
 
+from clip_lora_jax import files
+
+FINAL_PREFIX = "test/"  # Metrics of the final test, written once the training has ended.
+
 
 class MetricWriter:
   """Appends `{"step": s, "time": t, name: value, ...}` lines and TensorBoard scalars."""
@@ -19,8 +23,24 @@ class MetricWriter:
     if enabled:
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       self._tf = tf
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._path = os.path.join(workdir, "metrics.jsonl")
+      self._jsonl = open(self._path, "a", encoding="utf-8")
       self._summary = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def resume_at(self, step: int) -> None:
+    """Drops the `metrics.jsonl` rows a run resumed from the checkpoint of `step` writes again:
+    those of later steps (written between that checkpoint and the interruption), those of the
+    final test, and a line cut short by a kill. TensorBoard keeps its events as they are."""
+    if not self._enabled:
+      return
+    self._jsonl.close()
+    with open(self._path, encoding="utf-8") as f:
+      lines = f.readlines()
+    kept = [line for line in lines if _written_by_step(line, step)]
+    if kept != lines:
+      with files.atomic_path(self._path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    self._jsonl = open(self._path, "a", encoding="utf-8")
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -43,3 +63,13 @@ class MetricWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _written_by_step(line: str, step: int) -> bool:
+  """Whether a `metrics.jsonl` line is a whole training or validation row of a step <= `step`."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return False
+  return (line.endswith("\n") and record["step"] <= step
+          and not any(k.startswith(FINAL_PREFIX) for k in record))

@@ -89,9 +89,52 @@ class CLIPConfig:
 def config_from_dict(d: Mapping[str, Any]) -> CLIPConfig:
   """The inverse of `dataclasses.asdict(config)` (used by files that store a config as JSON)."""
   try:
-    return CLIPConfig(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+    config = CLIPConfig(**{**d, "vision": VisionConfig(**d["vision"]),
+                           "text": TextConfig(**d["text"])})
   except (KeyError, TypeError) as e:
     raise UserError(f"not a valid CLIP architecture description: {e}") from e
+  check_sizes(config, "the architecture description")
+  return config
+
+
+# Bounds of a sane architecture read from a file, checked before anything is traced or allocated
+# for it: the largest public CLIP (ViT-bigG/14) has 48 layers and 2.5e9 parameters.
+MAX_LAYERS = 256
+MAX_PARAMETERS = 2 * 10**10
+
+
+def check_sizes(config: CLIPConfig, where: str) -> None:
+  """Raises a UserError naming the first size of `config` (read from `where`) that is not a
+  positive integer, a width that the heads do not divide, a patch larger than the image, more
+  than MAX_LAYERS layers or more than MAX_PARAMETERS parameters in all."""
+  towers = {"vision": config.vision, "text": config.text}
+  fields = {"vision": ("width", "layers", "heads", "mlp_dim", "image_size", "patch_size"),
+            "text": ("width", "layers", "heads", "mlp_dim", "vocab_size", "context_length")}
+  sizes = {"embed_dim": config.embed_dim,
+           **{f"{name}.{field}": getattr(towers[name], field)
+              for name in towers for field in fields[name]}}
+  for key, value in sizes.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise UserError(f"{where}: {key}={value!r} must be a positive integer")
+  for name, tower in towers.items():
+    if tower.layers > MAX_LAYERS:
+      raise UserError(f"{where}: {name}.layers={tower.layers} is more than any CLIP has (at most "
+                      f"{MAX_LAYERS} are accepted)")
+    if tower.width % tower.heads:
+      raise UserError(f"{where}: {name}.width={tower.width} is not a multiple of "
+                      f"{name}.heads={tower.heads}")
+  if config.vision.patch_size > config.vision.image_size:
+    raise UserError(f"{where}: vision.patch_size={config.vision.patch_size} is larger than "
+                    f"vision.image_size={config.vision.image_size}")
+  blocks = sum(t.layers * (4 * t.width * (t.width + 1) + 2 * t.width * t.mlp_dim)
+               for t in towers.values())
+  embeddings = (config.vision.num_positions * config.vision.width
+                + 3 * config.vision.patch_size ** 2 * config.vision.width
+                + (config.text.vocab_size + config.text.context_length) * config.text.width
+                + (config.vision.width + config.text.width) * config.embed_dim)
+  if blocks + embeddings > MAX_PARAMETERS:
+    raise UserError(f"{where}: the architecture has about {blocks + embeddings:.2e} parameters, "
+                    f"more than any CLIP (at most {MAX_PARAMETERS:.0e} are accepted)")
 
 
 def _openai_config(name: str, embed_dim: int, vision: VisionConfig, text_width: int,

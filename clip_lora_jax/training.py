@@ -1,15 +1,16 @@
 """Few-shot training: what every method's run shares, and the weight-space adapters' run.
 
-Shared by every method (`methods.TRAINERS`): `start_run` (config checks, device mesh, base
-model, dataset spec), the optimizer and its schedule, `fit` (the loop: progress, metrics,
-validation, orbax checkpoints, resume) and `Run.test_accuracy` / `Run.finish` (results.json).
+Shared by every method (`methods.TRAINERS`): `start_run` (config, dataset and workdir checks,
+device mesh, base model; see `workdirs`), the optimizer and its schedule, `fit` (the loop:
+progress, metrics, validation, orbax checkpoints, resume, a stop on a non-finite loss) and
+`Run.test_accuracy` / `Run.finish` (results.json).
 
 Data flow of `python train.py --config configs/fewshot.py` (CLIP-LoRA; Block-LoRA alike): the
 config names a base model (`base.load_base_model`) and a dataset (`data.get_dataset`,
 `data.load_few_shot`); an adapter is initialised (`lora.init`); the class prompts are packed
 (`prompts.pack_prompts`); `make_train_step` builds one jitted update with donated state whose
-loss is the cross-entropy of `logit_scale * cos(image, text)` over all class prompts; the final
-adapter is merged into the base (`lora.merge`) and evaluated on the test split
+loss (`training_loss`) is the cross-entropy of `logit_scale * cos(image, text)` over all class
+prompts; the final adapter is merged into the base (`lora.merge`) and evaluated on the test split
 (`evaluation.evaluate`).
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -33,8 +34,8 @@ import tqdm
 
 from clip_lora_jax import base as base_lib
 from clip_lora_jax import (checkpoints, data, evaluation, files, lora, metrics, model, prompts,
-                           sharding)
-from clip_lora_jax.errors import UserError
+                           sharding, workdirs)
+from clip_lora_jax.errors import Interrupted, UserError
 
 State = dict[str, Any]  # {'step', 'lora', 'opt_state', 'rng'}: all arrays, checkpointed as is.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -66,6 +67,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, value in positive.items():
     if value <= 0:
       raise UserError(f"config.{key}={value}: must be a positive integer")
+  if config.seed < 0:
+    raise UserError(f"config.seed={config.seed}: must be a non-negative integer")
   if config.dtype not in DTYPES:
     raise UserError(f"config.dtype={config.dtype!r}: use one of {', '.join(DTYPES)}")
   if config.attention not in model.ATTENTION_IMPLEMENTATIONS:
@@ -73,6 +76,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"{', '.join(model.ATTENTION_IMPLEMENTATIONS)}")
   if "{}" not in config.template:
     raise UserError(f"config.template={config.template!r} has no '{{}}' for the class name")
+  o = config.optimizer
+  numbers = [("optimizer.learning_rate", o.learning_rate, o.learning_rate > 0, "> 0"),
+             ("optimizer.min_learning_rate", o.min_learning_rate,
+              0 <= o.min_learning_rate <= o.learning_rate, "in [0, learning_rate]"),
+             ("optimizer.b1", o.b1, 0 <= o.b1 < 1, "in [0, 1)"),
+             ("optimizer.b2", o.b2, 0 <= o.b2 < 1, "in [0, 1)"),
+             ("optimizer.eps", o.eps, o.eps > 0, "> 0"),
+             ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+             ("logit_scale", config.logit_scale, config.logit_scale > 0, "> 0")]
+  for key, value, fits, bound in numbers:
+    if not (math.isfinite(value) and fits):
+      raise UserError(f"config.{key}={value}: must be a finite number {bound}")
+  if config.get("data_dir") is not None and not os.path.isdir(os.path.expanduser(config.data_dir)):
+    raise UserError(f"config.data_dir={config.data_dir!r} is not a directory; prepare the dataset "
+                    f"there first: python -m clip_lora_jax.data prepare {config.dataset} "
+                    f"--data_dir {config.data_dir}")
+  if config.get("split_file") is not None and not os.path.isfile(config.split_file):
+    raise UserError(f"config.split_file={config.split_file!r} is not a file")
 
 
 def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
@@ -90,10 +111,9 @@ def make_optimizer(optimizer: ml_collections.ConfigDict, steps: int) -> optax.Gr
 
 def classification_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
                         logit_scale: float) -> tuple[jax.Array, jax.Array]:
-  """Mean cross-entropy of logit_scale * cos(image, text) and the batch top-1 accuracy."""
+  """Mean cross-entropy of the logits logit_scale * cos(image, text), and those (B, C) logits."""
   logits = model.cosine_logits(image_emb, text_emb, logit_scale)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  return loss, (jnp.argmax(logits, -1) == labels).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,29 +132,48 @@ class StepConfig:
     return "text" in lora.ENCODERS[self.lora_config.encoders]
 
 
+def training_loss(lora_params: model.Params, base_params: model.Params, images: jax.Array,
+                  labels: jax.Array, text: jax.Array | prompts.PackedPrompts, rng: jax.Array,
+                  step_config: StepConfig) -> tuple[jax.Array, jax.Array]:
+  """(loss, (B, C) logits) of an adapter in training mode: what the train step differentiates
+  with respect to `lora_params`, for computing gradients or debugging a run.
+
+  Training mode: LoRA dropout is drawn from `rng` (the train step passes fold_in(state rng,
+  step)), split between the image and the text tower. `text` is what `make_train_step` takes.
+  """
+  sc = step_config
+  common = dict(lora_scale=sc.lora_config.scale, lora_dropout=sc.lora_config.dropout,
+                dtype=sc.dtype, remat=sc.remat, attention=sc.attention)
+  image_rng, text_rng = jax.random.split(rng)
+  pairs = sc.lora_config.pairs(lora_params)
+  image_emb = model.encode_images(base_params, images, sc.model_config, lora=pairs,
+                                  dropout_rng=image_rng, **common)
+  if sc.text_trains:
+    text = prompts.encode_packed(base_params, text, sc.model_config, lora=pairs,
+                                 dropout_rng=text_rng, **common)
+  return classification_loss(image_emb, text, labels, sc.logit_scale)
+
+
 def make_train_step(step_config: StepConfig, optimizer: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None) -> Callable:
   """A jitted `(state, base_params, images, labels, text) -> (state, metrics)` with donated state.
 
   `text` is the class prompts packed (`prompts.PackedPrompts`) when the text tower trains (they
   are encoded with gradients every step); otherwise the (C, E) text embeddings, computed once.
-  Gradients are taken with respect to the LoRA pytree only; base params are an argument (not a
-  closure) so they are not baked into the compiled program as constants. With a `mesh`, the
-  inputs' shardings drive the partitioning and the new state comes out replicated.
-  """
-  sc = step_config
-  common = dict(lora_scale=sc.lora_config.scale, lora_dropout=sc.lora_config.dropout,
-                dtype=sc.dtype, remat=sc.remat, attention=sc.attention)
+  Gradients of `training_loss` are taken with respect to the LoRA pytree only; base params are
+  an argument (not a closure) so they are not baked into the compiled program as constants. With
+  a `mesh`, the inputs' shardings drive the partitioning and the new state comes out replicated.
 
+  The state is donated (`donate_argnums=(0,)`): XLA may write the new state into the buffers of
+  the one passed in, so a step holds one copy of the LoRA parameters and optimizer moments, not
+  two. The arrays of the state passed in must not be used after the call: use the returned
+  state (copy it first, `jax.tree.map(jnp.copy, state)`, to keep both). The base params, images
+  and text are not donated and can be passed again.
+  """
   def loss_fn(lora_params, base_params, images, labels, text, rng):
-    image_rng, text_rng = jax.random.split(rng)
-    pairs = sc.lora_config.pairs(lora_params)
-    image_emb = model.encode_images(base_params, images, sc.model_config, lora=pairs,
-                                    dropout_rng=image_rng, **common)
-    if sc.text_trains:
-      text = prompts.encode_packed(base_params, text, sc.model_config, lora=pairs,
-                                   dropout_rng=text_rng, **common)
-    return classification_loss(image_emb, text, labels, sc.logit_scale)
+    loss, logits = training_loss(lora_params, base_params, images, labels, text, rng,
+                                 step_config)
+    return loss, (jnp.argmax(logits, -1) == labels).mean()
 
   def step(state: State, base_params, images, labels, text):
     rng = jax.random.fold_in(state["rng"], state["step"])
@@ -180,32 +219,70 @@ def fit(state: State, next_step: Callable[[State], tuple[State, dict[str, jax.Ar
   mean train metrics, the learning rate and steps/s; every `config.eval_every` steps (if set)
   writes `validation(state)`; saves the state every `config.checkpoint_every` steps and at the
   end, and waits for the writes. `next_step` draws its own batch: batch k is a pure function of
-  (seed, k), so a resumed run continues the same sequence.
+  (seed, k), so a resumed run continues the same sequence; it says so, and drops the metrics
+  rows it writes again. A non-finite loss stops the run before the next log or checkpoint (a
+  UserError naming the step and the last good checkpoint); Ctrl-C becomes an `Interrupted`.
   """
-  start = int(state["step"])
+  start = done = int(state["step"])
   lead = jax.process_index() == 0
+  if start and lead:
+    print(f"resuming from step {start} of {steps} (checkpoint {manager.directory}/{start})",
+          flush=True)
+  writer.resume_at(start)
   progress = tqdm.tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True,
                        disable=not (config.progress and lead))
   window: list[dict[str, jax.Array]] = []
   tick = time.perf_counter()
-  for step in range(start + 1, steps + 1):
-    state, step_metrics = next_step(state)
-    window.append(step_metrics)
-    progress.update(1)
-    if step % config.log_every == 0 or step == steps:
-      summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      summary.update(learning_rate=float(schedule(step - 1)),
-                     steps_per_second=len(window) / (time.perf_counter() - tick))
-      writer.write(step, {f"train/{k}": v for k, v in summary.items()})
-      progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
-      window, tick = [], time.perf_counter()
-    if validation and config.eval_every and step % config.eval_every == 0 and step != steps:
-      writer.write(step, {f"val/{k}": v for k, v in validation(state).items()})
-    if step % config.checkpoint_every == 0 or step == steps:
-      manager.save(step, args=ocp.args.StandardSave(state))
+  try:
+    for step in range(start + 1, steps + 1):
+      state, step_metrics = next_step(state)
+      done = step
+      window.append(step_metrics)
+      progress.update(1)
+      if step % config.log_every == 0 or step == steps:
+        check_finite(window, step, manager)
+        summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        summary.update(learning_rate=float(schedule(step - 1)),
+                       steps_per_second=len(window) / (time.perf_counter() - tick))
+        writer.write(step, {f"train/{k}": v for k, v in summary.items()})
+        progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
+        window, tick = [], time.perf_counter()
+      if validation and config.eval_every and step % config.eval_every == 0 and step != steps:
+        writer.write(step, {f"val/{k}": v for k, v in validation(state).items()})
+      if step % config.checkpoint_every == 0 or step == steps:
+        check_finite(window, step, manager)
+        manager.save(step, args=ocp.args.StandardSave(state))
+  except KeyboardInterrupt:
+    progress.close()
+    manager.wait_until_finished()
+    checkpoint = last_checkpoint(manager)
+    raise Interrupted(f"interrupted at step {done}; run the same command to resume (from "
+                      f"{checkpoint or 'the start: no checkpoint was saved yet'})") from None
   progress.close()
   manager.wait_until_finished()
   return state
+
+
+def last_checkpoint(manager: ocp.CheckpointManager) -> str | None:
+  """'step N, path' of the latest finished checkpoint; None if there is none."""
+  manager.wait_until_finished()
+  step = manager.latest_step()
+  return None if step is None else f"step {step}, {manager.directory}/{step}"
+
+
+def check_finite(window: list[dict[str, jax.Array]], last_step: int,
+                 manager: ocp.CheckpointManager) -> None:
+  """Raises a UserError at the first non-finite loss of `window`, the metrics of the steps up to
+  `last_step`, naming its step and the last (good) checkpoint: a diverged run stops instead of
+  training on to an all-NaN adapter."""
+  for offset, step_metrics in enumerate(window):
+    loss = float(step_metrics["loss"])
+    if not math.isfinite(loss):
+      raise UserError(f"the loss is {loss} at step {last_step - len(window) + 1 + offset}: "
+                      "training diverged; the last good checkpoint is "
+                      f"{last_checkpoint(manager) or 'none: none was saved yet'}. Lower "
+                      "config.optimizer.learning_rate or check the data, in another --workdir "
+                      "or with --overwrite")
 
 
 def data_context(config: ml_collections.ConfigDict):
@@ -274,35 +351,53 @@ class Run:
                "trainable_parameters": trainable_parameters,
                **{f"test_{k}": v for k, v in test.items()}}
     if self.lead:
-      files.write_json(os.path.join(self.workdir, "results.json"), results)
+      files.write_json(os.path.join(self.workdir, workdirs.RESULTS_FILE), results)
     return results
 
 
-def start_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Checks the config, makes the device mesh, loads the base model and the dataset spec, and
-  records the config in the workdir: the start every method's `train_and_evaluate` shares.
-  `config.sampler` is set to the few-shot sampler the run uses (`data.resolve_sampler`)."""
+def start_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
+              check_base: Callable[[model.CLIPConfig], Any] | None = None) -> Run:
+  """The start every method's `train_and_evaluate` shares: checks the config, the dataset name
+  and the workdir (new, or holding this very run unless `overwrite`: `workdirs.check`), makes the
+  device mesh, loads the base model, checks that the method's settings fit its architecture
+  (`check_base`, raising a UserError), and only then creates the workdir and records the config.
+  `config.sampler` is set to the few-shot sampler the run uses (`data.resolve_sampler`) before
+  it is compared or recorded.
+  """
   validate(config)
   spec = data.get_dataset(config.dataset)
   with config.unlocked():
     config.sampler = data.resolve_sampler(spec, config.split_file, config.get("sampler"))
-  os.makedirs(workdir, exist_ok=True)
+  workdirs.check(config, workdir, overwrite)
   mesh = sharding.make_mesh()
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh)
-  run = Run(config, workdir, mesh, total_steps(config),
-            base_lib.load_base_model(config.model, config.random_init, config.seed), spec)
-  if run.lead:
-    files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
-  return run
+  base = base_lib.load_base_model(config.model, config.random_init, config.seed)
+  if check_base is not None:
+    check_base(base.config)
+  workdirs.record(config, workdir, overwrite)
+  return Run(config, workdir, mesh, total_steps(config), base, spec)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def export_merged(workdir: str, base: base_lib.BaseModel, adapter: lora.Adapter) -> None:
+  """Writes the merged model in the Hugging Face layout, with the adapter's prompt template, to
+  `workdir/merged`, unless it is there: `save_hf` writes it whole or not at all, so it is this
+  run's (a run interrupted after writing it, resumed to the same adapter)."""
+  directory = os.path.join(workdir, workdirs.MERGED_DIR)
+  if not os.path.isdir(directory):
+    checkpoints.save_hf(directory, base.config,
+                        lora.merge(base.params, adapter.lora, adapter.config),
+                        template=adapter.template)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> dict[str, Any]:
   """Trains a weight-space adapter (CLIP-LoRA, Block-LoRA) as `config` says, resuming from
-  `workdir`'s last checkpoint; returns and (on process 0) writes `results.json` with the test
-  top-1 / top-5 of the merged model."""
+  `workdir`'s last checkpoint (`overwrite`: replacing the run there); returns and (on process 0)
+  writes `results.json` with the test top-1 / top-5 of the merged model."""
   lora_config = lora_config_from(config)
-  run = start_run(config, workdir)
+  run = start_run(config, workdir, overwrite,
+                  check_base=lambda model_config: lora.abstract_init(model_config, lora_config))
   base, spec, mesh, steps = run.base, run.spec, run.mesh, run.steps
   image_size = base.config.vision.image_size
   step_config = StepConfig(base.config, lora_config, config.logit_scale, DTYPES[config.dtype],
@@ -345,12 +440,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   learning_rate_schedule(config.optimizer, steps), steps,
                   desc=f"{spec.name} {config.shots}-shot", validation=validation)
       adapter = lora.Adapter(jax.device_get(state["lora"]), lora_config, base.name, base.config,
-                             base.fingerprint, run.few_shot)
+                             base.fingerprint, run.few_shot, config.template)
       if run.lead:
-        lora.save_adapter(os.path.join(workdir, "adapter.safetensors"), adapter)
+        lora.save_adapter(os.path.join(workdir, workdirs.ADAPTER_FILE), adapter)
         if config.export_merged:
-          checkpoints.save_hf(os.path.join(workdir, "merged"), base.config,
-                              lora.merge(base.params, adapter.lora, lora_config))
+          export_merged(workdir, base, adapter)
       test = run.test_accuracy(logits_fn(state))
       writer.write(steps, {f"test/{k}": v for k, v in test.items()})
   return run.finish(lora.num_parameters(adapter.lora), test)

@@ -15,6 +15,20 @@ import pytest
 
 from clip_lora_jax import xla_flags
 
+
+def _hide_unusable_torchvision() -> None:
+  """transformers imports torchvision whenever it is installed (open-clip-torch, of the test
+  extra, pulls it in). The tests use none of it, but a torchvision built for another torch (the
+  index's CUDA build next to a CPU-only torch) fails to import and takes transformers' CLIPModel
+  with it; such a torchvision is hidden from the test process (find_spec then finds nothing)."""
+  try:
+    import torchvision  # pylint: disable=import-outside-toplevel,unused-import
+  except Exception:  # pylint: disable=broad-except  # RuntimeError for a mismatched build
+    sys.modules["torchvision"] = None
+
+
+_hide_unusable_torchvision()
+
 # In-process tests run JAX as train.py / eval.py do (same XLA flags, hence the same programs):
 # results compared with those of the command lines can then be equal to the bit.
 xla_flags.use_fast_cpu_flags()
@@ -78,11 +92,12 @@ def train_cmd(workdir: str, *overrides: str, config_arg: str = "") -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def runlocal_run(tmp_path_factory) -> tuple[str, str]:
-  """(workdir, stdout) of one uninterrupted `train.py` run with RUNLOCAL_OVERRIDES, shared by
-  the tests that check its outputs and those that compare killed-and-resumed runs with it."""
+def runlocal_run(tmp_path_factory) -> tuple[str, str, str]:
+  """(workdir, stdout, stderr) of one uninterrupted `train.py` run with RUNLOCAL_OVERRIDES,
+  shared by the tests that check its outputs and those that compare killed-and-resumed runs with
+  it. Tests that run in its workdir again work on a copy."""
   workdir = str(tmp_path_factory.mktemp("runlocal") / "run")
   out = subprocess.run(train_cmd(workdir, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  return workdir, out.stdout
+  return workdir, out.stdout, out.stderr

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import stat
 
 import huggingface_hub
 import jax
@@ -246,12 +248,26 @@ def test_save_hf_default_tokenizer_and_existing_directory(tiny, tmp_path):
   _, _, cfg, params = tiny
   checkpoints.save_hf(str(tmp_path / "a"), cfg, params)
   assert tokenizer_lib.load_tokenizer(str(tmp_path / "a")).vocab_size == 49408
+  assert checkpoints.recorded_template(str(tmp_path / "a")) is None
   with pytest.raises(UserError, match="already exists"):
     checkpoints.save_hf(str(tmp_path / "a"), cfg, params)
   with pytest.raises(UserError, match="tokenizer has 49408 tokens but the model's vocabulary "
                                       "has 1000"):
     small_vocab = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=1000))
     checkpoints.save_hf(str(tmp_path / "b"), small_vocab, params)
+
+
+def test_save_hf_records_the_template_with_the_umask_permissions(tiny, tmp_path):
+  _, _, cfg, params = tiny
+  old = os.umask(0o022)
+  try:
+    checkpoints.save_hf(str(tmp_path / "merged"), cfg, params, template="{} texture.")
+  finally:
+    os.umask(old)
+  assert checkpoints.recorded_template(str(tmp_path / "merged")) == "{} texture."
+  assert stat.S_IMODE(os.stat(tmp_path / "merged").st_mode) == 0o755
+  for name in os.listdir(tmp_path / "merged"):
+    assert stat.S_IMODE(os.stat(tmp_path / "merged" / name).st_mode) == 0o644, name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,6 +323,26 @@ def test_bad_configs_raise():
     checkpoints.config_from_hf({"text_config": {"hidden_size": 65}})
   with pytest.raises(UserError, match="key 'visual.conv1.weight' is missing"):
     checkpoints.config_from_openclip({"logit_scale": np.zeros(())})
+
+
+@pytest.mark.parametrize("tower,sizes,message", [
+    ("vision_config", {"hidden_size": -64}, "vision.width=-64 must be a positive integer"),
+    ("text_config", {"num_hidden_layers": 1_000_000}, "text.layers=1000000 is more than any"),
+    ("vision_config", {"hidden_size": 65536, "intermediate_size": 262144,
+                       "num_hidden_layers": 64, "num_attention_heads": 64},
+     "the architecture has about 3.30e+12 parameters, more than any CLIP"),
+])
+def test_absurd_sizes_in_a_config_json_are_refused_before_anything_is_allocated(
+    tmp_path, tower, sizes, message):
+  config = json.loads(json.dumps(TINY_HF_CONFIG))
+  config[tower].update(sizes)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match=re.escape(f"config.json: {message}")):
+    checkpoints.load_pretrained(str(tmp_path))  # no weights needed: refused first
+  described = dataclasses.asdict(model.get_config("tiny"))
+  described["text"]["layers"] = 1_000_000
+  with pytest.raises(UserError, match="text.layers=1000000"):
+    model.config_from_dict(described)  # an adapter file's base_config
 
 
 @pytest.fixture

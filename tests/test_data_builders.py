@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import warnings
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from clip_lora_jax.data import sampling, source
 from clip_lora_jax.data.builders import fgvc_aircraft, ucf101_frames
 from clip_lora_jax.errors import UserError
 from tests import reference_sampling
+from conftest import ENV, ROOT
 
 AIRCRAFT = {"train": [("0000001", "707-320"), ("0000002", "F/A-18"), ("0000003", "Cessna 172")],
             "val": [("0000004", "707-320"), ("0000005", "F/A-18")],
@@ -241,3 +245,39 @@ def test_command_reports_user_errors_in_one_line_without_traceback(tmp_path, cap
 def test_command_help_lists_commands_and_datasets(capsys):
   code, out, _ = run_cli(capsys, "--help")
   assert code == 0 and "prepare" in out and "info" in out and "oxford_flowers" in out
+
+
+def test_prepare_without_network_fails_in_seconds_saying_what_to_download(tmp_path):
+  data_dir = tmp_path / "tfds"
+  offline = ("import runpy, socket, sys\n"
+             "def no_network(*args, **kwargs):\n"
+             "  raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')\n"
+             "socket.getaddrinfo = no_network\n"
+             f"sys.argv = ['data', 'prepare', 'eurosat', '--data_dir', {str(data_dir)!r}]\n"
+             "runpy.run_module('clip_lora_jax.data', run_name='__main__', alter_sys=True)\n")
+  env = {k: v for k, v in ENV.items() if "proxy" not in k.lower()}
+  start = time.perf_counter()
+  out = subprocess.run([sys.executable, "-c", offline], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert time.perf_counter() - start < 60  # TFDS alone retries for minutes
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: cannot download eurosat: madm.dfki.de cannot be reached")
+  manual = os.path.join(str(data_dir), "downloads", "manual")
+  assert (f"download http://madm.dfki.de/files/sentinel/EuroSAT.zip (as EuroSAT.zip) on a machine "
+          f"that has it, put them into {manual}") in line
+  assert f"prepare eurosat --data_dir {data_dir} --manual_dir {manual}" in line
+  assert not data_dir.exists()
+
+
+def test_a_failed_prepare_removes_what_it_created(tmp_path):
+  kept = tmp_path / "tfds" / "kept"
+  kept.mkdir(parents=True)
+  root = tmp_path / "tfds"
+  with pytest.raises(OSError):
+    with cli.removed_on_failure([str(root), str(root / "eurosat"), str(root / "downloads")]):
+      (root / "eurosat" / "rgb").mkdir(parents=True)
+      (root / "downloads").mkdir()
+      (root / "partial.tmp").write_text("")
+      raise OSError("connection reset")
+  assert sorted(os.listdir(root)) == ["kept"]

@@ -47,11 +47,25 @@ def test_llu_trains_resumes_and_eval_py_reads_its_adapter(tmp_path):
   resumed = str(tmp_path / "resumed")  # as if killed after the step-20 checkpoint
   shutil.copytree(os.path.join(whole, "checkpoints", "20"),
                   os.path.join(resumed, "checkpoints", "20"))
+  shutil.copy(os.path.join(whole, "config.json"), resumed)
   assert llu.train_and_evaluate(config, resumed) == results
   again = llu.load_adapter(os.path.join(resumed, "adapter.safetensors"))
   for x, y in zip(jax.tree.leaves(again.params), jax.tree.leaves(adapter.params)):
     np.testing.assert_array_equal(x, y)
   assert len(os.listdir(tmp_path / "cache" / "features")) == 1  # computed once, then reused
+
+  # The adapter fixes its settings: command-line overrides contradicting it are refused.
+  assert adapter.template == config.template
+  methods.check_overrides(adapter, config, ["llu.gamma"])  # 0.5, the adapter's own
+  config.llu.gamma, config.lora = 0.3, runlocal.get_config().lora
+  with pytest.raises(UserError, match=r"llu.gamma=0.3 \(the adapter's is 0.5\); lora.rank \(not "
+                                      r"a setting of a 'llu' adapter\)"):
+    methods.check_overrides(adapter, config, ["llu.gamma", "lora.rank"])
+  # A finished LLU run has no merged model to add.
+  config.llu.gamma, config.export_merged = 0.5, True
+  del config.lora
+  with pytest.raises(UserError, match="updates embeddings, not weights"):
+    methods.train_and_evaluate(config, whole)
 
 
 def test_view_features_are_the_first_epochs_of_the_train_stream(tmp_path):

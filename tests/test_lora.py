@@ -1,5 +1,6 @@
 """LoRA: init, layer sets, merge / unmerge, the (x a) b branch and its gradients, adapter files."""
 
+import dataclasses
 import os
 
 import jax
@@ -85,6 +86,19 @@ def test_bad_layer_indices_and_depth():
     lora.layer_indices((12,), 12)
   with pytest.raises(UserError, match="12-layer towers only"):
     lora.layer_indices("top3", 24)
+
+
+def test_layer_lists_as_the_command_line_gives_them():
+  assert lora.LoRAConfig.from_dict({"layers": "0,1"}).layers == (0, 1)
+  assert lora.LoRAConfig.from_dict({"layers": "3"}).layers == (3,)
+  assert lora.LoRAConfig.from_dict({"layers": "half-up"}).layers == "half-up"
+  with pytest.raises(UserError, match="layer indices such as 0,1,2"):
+    lora.LoRAConfig.from_dict({"layers": "0,x"})
+  # A set a 2-layer tower lacks is refused before anything is allocated.
+  with pytest.raises(UserError, match=r"\[0, 1\] for a 2-layer tower"):
+    lora.abstract_init(TINY, lora.LoRAConfig.from_dict({"layers": "0,5"}))
+  with pytest.raises(UserError, match="12-layer towers only"):
+    lora.abstract_init(TINY, lora.LoRAConfig(layers="mid"))
 
 
 def test_zero_b_adapter_is_exactly_the_base_model(tiny_params):
@@ -177,6 +191,9 @@ def test_adapter_file_round_trip_size_and_switching(tmp_path, tiny_params):
   assert loaded.config == lora_config and loaded.base_config == config
   assert loaded.base_name == adapter.base_name and loaded.base_fingerprint == "0123456789abcdef"
   assert loaded.few_shot is None  # recorded by training runs only
+  assert loaded.template is None  # files that record no prompt template
+  lora.save_adapter(path, dataclasses.replace(adapter, template="a photo of a {}, a texture."))
+  assert lora.load_adapter(path).template == "a photo of a {}, a texture."
   for got, want in zip(jax.tree.leaves(loaded.lora), jax.tree.leaves(adapter.lora)):
     np.testing.assert_array_equal(got, want)
 

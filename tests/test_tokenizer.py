@@ -1,10 +1,10 @@
 """Tokenizer tests: ids equal to OpenAI's reference tokenizer, layout, checkpoint files, errors.
 
 The reference is `SimpleTokenizer` from open_clip's `tokenizer.py` (OpenAI's CLIP tokenizer,
-pure Python). The open_clip package `__init__` imports torchvision, which must not be installed
-here, so the test loads that one module from the installed open-clip-torch distribution by file
-path (test extra: `pip install --no-deps open-clip-torch==3.3.0`; the module itself needs ftfy,
-regex, numpy and torch).
+pure Python). The open_clip package `__init__` imports torchvision, which may not fit the
+installed torch here (tests/conftest.py), so the test loads that one module from the installed
+open-clip-torch distribution by file path (the test extra installs open-clip-torch; the module
+itself needs ftfy, regex, numpy and torch).
 """
 
 from __future__ import annotations
@@ -81,8 +81,7 @@ def load_reference_module() -> types.ModuleType:
   try:
     dist = importlib.metadata.distribution("open_clip_torch")
   except importlib.metadata.PackageNotFoundError:
-    pytest.fail("the reference tokenizer is missing: "
-                "pip install --no-deps open-clip-torch==3.3.0 ftfy")
+    pytest.fail('the reference tokenizer is missing: pip install -e ".[test]"')
   path = dist.locate_file("open_clip/tokenizer.py")
   spec = importlib.util.spec_from_file_location("open_clip_reference_tokenizer", path)
   module = importlib.util.module_from_spec(spec)

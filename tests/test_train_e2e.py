@@ -3,7 +3,10 @@
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 import transformers
 
-from clip_lora_jax import block_lora, lora
+from clip_lora_jax import block_lora, files, lora, methods
 from configs import runlocal
 
 from conftest import ENV, ROOT, RUNLOCAL_OVERRIDES, train_cmd
@@ -34,9 +37,35 @@ def read_adapter(workdir: str) -> lora.Adapter:
   return lora.load_adapter(os.path.join(workdir, "adapter.safetensors"))
 
 
+def runlocal_config():
+  """The config of `runlocal_run`, as train.py resolves it."""
+  config = runlocal.get_config()
+  config.update_from_flattened_dict({"progress": False, "total_steps": 40, "checkpoint_every": 10,
+                                     "eval_every": 20, "export_merged": True})
+  return config
+
+
+def read_bytes(workdir: str, *names: str) -> dict[str, bytes]:
+  return {name: open(os.path.join(workdir, name), "rb").read() for name in names}
+
+
+def metric_rows(workdir: str, key: str) -> list[int]:
+  """The steps of the metrics.jsonl rows that hold `key`."""
+  return [r["step"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+          if key in r]
+
+
 def test_train_writes_adapter_metrics_results_and_eval_agrees(runlocal_run):
-  workdir, stdout = runlocal_run
+  workdir, stdout, stderr = runlocal_run
   assert "test top-1" in stdout
+  # Library noise is silenced: what remains on stderr are clip_lora_jax's own warnings.
+  assert [line for line in stderr.splitlines() if line.strip() and "clip_lora_jax" not in line
+          and not line.lstrip().startswith("warnings.warn(")] == []
+  # Files get the permissions the umask gives new files.
+  mask = files.umask()
+  for name in ("adapter.safetensors", "results.json", "config.json", "merged/model.safetensors"):
+    assert stat.S_IMODE(os.stat(os.path.join(workdir, name)).st_mode) == 0o666 & ~mask, name
+  assert stat.S_IMODE(os.stat(os.path.join(workdir, "merged")).st_mode) == 0o777 & ~mask
 
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["steps"] == 40 and results["dataset"] == "eurosat" and results["shots"] == 2
@@ -57,6 +86,7 @@ def test_train_writes_adapter_metrics_results_and_eval_agrees(runlocal_run):
   # Mock EuroSAT without a split file: the numpy sampler, recorded with the run.
   assert json.load(open(os.path.join(workdir, "config.json")))["sampler"] == "numpy"
   assert adapter.few_shot == {"dataset": "eurosat", "shots": 2, "seed": 1, "sampler": "numpy"}
+  assert adapter.template == "a photo of a {}."
   assert any(np.any(leaf) for leaf in jax.tree.leaves(adapter.lora))  # B moved off zero.
   # The merged export is a Hugging Face checkpoint that transformers loads.
   assert isinstance(transformers.CLIPModel.from_pretrained(os.path.join(workdir, "merged")),
@@ -70,8 +100,10 @@ def test_train_writes_adapter_metrics_results_and_eval_agrees(runlocal_run):
                                    "auto")
   assert with_adapter["top1"] == pytest.approx(results["test_top1"])
   assert with_adapter["count"] == results["test_count"]
+  # The merged model records its prompt template: eval.py's default prompts for it.
   config.model, config.random_init = os.path.join(workdir, "merged"), False
-  merged = eval_cli.evaluate(config, None, "test", "config")
+  merged = eval_cli.evaluate(config, None, "test", "auto")
+  assert merged["templates"] == ["a photo of a {}."]
   assert merged["top1"] == pytest.approx(results["test_top1"])
 
 
@@ -94,14 +126,19 @@ def test_block_lora_trains_through_the_same_command_and_eval_reads_its_adapter(t
   assert evaluated["top1"] == pytest.approx(results["test_top1"])
 
 
-def test_killed_run_resumes_to_the_same_adapter(tmp_path, runlocal_run):
+def wait_for_checkpoint(proc: subprocess.Popen, workdir: str, step: int) -> None:
+  """Until `proc` has written the checkpoint of `step` (or ended)."""
+  checkpoint = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + 300
+  while not os.path.isdir(checkpoint) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+
+
+def test_killed_run_resumes_to_the_same_bytes(tmp_path, runlocal_run):
   killed = str(tmp_path / "killed")
   proc = subprocess.Popen(train_cmd(killed, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  first_checkpoint = os.path.join(killed, "checkpoints", "10")
-  deadline = time.time() + 300
-  while not os.path.isdir(first_checkpoint) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
+  wait_for_checkpoint(proc, killed, 10)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -110,14 +147,108 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, runlocal_run):
   out = subprocess.run(train_cmd(killed, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r"resuming from step [1-3]0 of 40", out.stdout)
 
-  # Against the same command uninterrupted (same process set-up, so same XLA flags and programs).
-  uninterrupted = runlocal_run[0]
-  resumed, reference = read_adapter(killed), read_adapter(uninterrupted)
-  for got, want in zip(jax.tree.leaves(resumed.lora), jax.tree.leaves(reference.lora)):
-    np.testing.assert_array_equal(got, want)
-  assert json.load(open(os.path.join(killed, "results.json")))["test_top1"] == \
-      json.load(open(os.path.join(uninterrupted, "results.json")))["test_top1"]
+  # Byte for byte the files of the same command run uninterrupted in another process (safetensors
+  # metadata are written sorted), and each metrics row once.
+  names = ("adapter.safetensors", "results.json")
+  assert read_bytes(killed, *names) == read_bytes(runlocal_run[0], *names)
+  assert metric_rows(killed, "train/loss") == list(range(5, 41, 5))
+  assert metric_rows(killed, "val/top1") == [20] and metric_rows(killed, "test/top1") == [40]
+
+
+def test_ctrl_c_stops_in_one_line_saying_how_to_resume(tmp_path):
+  workdir = str(tmp_path / "interrupted")
+  proc = subprocess.Popen(train_cmd(workdir, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_checkpoint(proc, workdir, 10)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err
+  # Resuming is the killed run's (test_killed_run_resumes_to_the_same_bytes).
+  assert re.fullmatch(r"error: interrupted at step \d+; run the same command to resume \(from step "
+                      r"[1-4]0, .*checkpoints/[1-4]0\)", err.strip().splitlines()[-1])
+
+
+def test_a_finished_run_again_prints_its_results_and_adds_a_merged_export(tmp_path, runlocal_run):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(runlocal_run[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "merged"))
+  names = ("adapter.safetensors", "results.json", "metrics.jsonl", "config.json")
+  before = read_bytes(workdir, *names)
+  out = subprocess.run(train_cmd(workdir, *RUNLOCAL_OVERRIDES), env=ENV, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "holds this run, finished: nothing to train" in out.stdout
+  assert "test top-1" in out.stdout
+  assert read_bytes(workdir, *names) == before  # no training, no second test row
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == \
+      sorted(os.listdir(os.path.join(runlocal_run[0], "checkpoints")))
+  merged = "merged/model.safetensors"
+  assert read_bytes(workdir, merged) == read_bytes(runlocal_run[0], merged)
+
+
+def test_a_run_killed_after_its_merged_export_resumes(tmp_path, runlocal_run):
+  workdir = str(tmp_path / "run")  # killed after the test row, before results.json
+  shutil.copytree(runlocal_run[0], workdir)
+  os.remove(os.path.join(workdir, "results.json"))
+  merged_mtime = os.stat(os.path.join(workdir, "merged", "model.safetensors")).st_mtime_ns
+  results = methods.train_and_evaluate(runlocal_config(), workdir)  # as train.py calls it
+  expected = json.load(open(os.path.join(runlocal_run[0], "results.json")))
+  assert results == pytest.approx(expected)
+  assert metric_rows(workdir, "test/top1") == [40]  # the test row once
+  assert metric_rows(workdir, "train/loss") == list(range(5, 41, 5))
+  assert os.stat(os.path.join(workdir, "merged", "model.safetensors")).st_mtime_ns == merged_mtime
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
+  workdir = str(tmp_path / "run")
+  out = subprocess.run(train_cmd(workdir, "--config.optimizer.learning_rate=1e30"), env=ENV,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert re.fullmatch(r"error: the loss is nan at step \d: training diverged; the last good "
+                      r"checkpoint is none: none was saved yet\. Lower "
+                      r"config\.optimizer\.learning_rate .*", out.stderr.strip().splitlines()[-1])
+  assert not os.path.exists(os.path.join(workdir, "adapter.safetensors"))
+
+
+def test_help_lists_every_config_key_with_its_default():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--helpfull"], env=ENV,
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for line in ("--config.lora.rank=2 (int)", "--config.optimizer.learning_rate=0.0002 (float)",
+               "--config.data_dir=None (str)", "--overwrite"):
+    assert line in out.stdout
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config",
+                        os.path.join(ROOT, "configs/llu.py"), "--helpfull"], env=ENV, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  keys = out.stdout.split("config keys of")[1]
+  assert "--config.llu.gamma=0.5 (float)" in keys and "--config.lora." not in keys
+
+
+def test_command_line_mistakes_are_one_line(tmp_path, runlocal_run):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  broken = tmp_path / "broken_config.py"
+  broken.write_text("def get_config(:\n  pass\n")
+  eval_cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--config",
+              os.path.join(ROOT, "configs/runlocal.py"), "--config.progress=False"]
+  adapter = os.path.join(runlocal_run[0], "adapter.safetensors")
+  for cmd, message in [
+      (train_cmd(str(a_file / "run")), "lies below"),
+      ([sys.executable, os.path.join(ROOT, "train.py"), "--config", str(broken), "--workdir",
+        str(tmp_path / "run")], "could not load the config file: invalid syntax"),
+      # checked before anything is evaluated
+      ([*eval_cmd, "--output", str(tmp_path)], "is a directory; give a file path"),
+      # explicit layer lists reach the config; the adapter's settings are not overridden
+      ([*eval_cmd, "--adapter", adapter, "--config.lora.rank=4", "--config.lora.layers=0,1"],
+       "lora.layers=(0, 1) (the adapter's is 'all'); lora.rank=4 (the adapter's is 2)"),
+  ]:
+    out = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert message in out.stderr and out.stderr.startswith("error: "), out.stderr[-3000:]
+  assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.parametrize("override,message", [

@@ -197,3 +197,44 @@ def test_packed_prompts_give_the_unpacked_loss_and_gradients():
   for x, y, a in zip(jax.tree.leaves(packed[0]), jax.tree.leaves(plain[0]),
                      jax.tree.leaves(adapter)):
     np.testing.assert_allclose(x - a, y - a, rtol=1e-4, atol=1e-6)  # the gradients
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("seed", -1, "config.seed=-1"),
+    ("optimizer.learning_rate", 0.0, "learning_rate=0.0: must be a finite number > 0"),
+    ("optimizer.learning_rate", float("nan"), "learning_rate=nan"),
+    ("optimizer.min_learning_rate", 1.0, "min_learning_rate=1.0"),
+    ("optimizer.b2", 1.5, "b2=1.5"),
+    ("logit_scale", float("inf"), "logit_scale=inf"),
+    ("data_dir", "/nonexistent/tfds", "prepare the dataset there first"),
+    ("split_file", "/nonexistent/split_zhou_EuroSAT.json", "split_file='/nonexistent"),
+])
+def test_numbers_and_paths_no_run_can_use_are_user_errors(key, value, message):
+  config = fewshot.get_config()
+  config.update_from_flattened_dict({key: value})
+  with pytest.raises(UserError, match=message):
+    training.validate(config)
+
+
+def test_training_loss_is_what_the_train_step_differentiates():
+  lora_config = lora.LoRAConfig(rank=2, dropout=0.25)
+  step_config = training.StepConfig(TINY, lora_config)
+  base = model.init_params(jax.random.key(0), TINY)
+  adapter = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.PRNGKey(0), TINY, lora_config))
+  ids = np.zeros((3, 8), np.int32)
+  ids[:, 0], ids[:, 1], ids[:, 2] = 49406, [320, 1125, 539], 49407
+  images, labels = separable_batch(np.random.default_rng(0), 8, 3)
+  optimizer = optax.sgd(1.0)  # the new adapter is the old one minus the gradient
+  state = training.init_state(3, adapter, optimizer)
+  rng = jax.random.fold_in(state["rng"], state["step"])  # the step's dropout key
+
+  (loss, logits), grads = jax.value_and_grad(training.training_loss, has_aux=True)(
+      adapter, base, images, labels, prompts.pack_prompts(ids), rng, step_config)
+  new_state, metrics = training.make_train_step(step_config, optimizer)(
+      jax.tree.map(jnp.copy, state), base, images, labels, prompts.pack_prompts(ids))
+  assert logits.shape == (8, 3)
+  assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+  assert float(metrics["accuracy"]) == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
+  for new, old, grad in zip(jax.tree.leaves(new_state["lora"]), jax.tree.leaves(adapter),
+                            jax.tree.leaves(grads)):
+    np.testing.assert_allclose(old - new, grad, rtol=1e-4, atol=1e-6)

@@ -16,9 +16,14 @@ name), tab-separated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -62,7 +67,12 @@ def info(name: str, data_dir: str | None, split_file: str | None) -> None:
 
 
 def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> None:
-  """Prepares the TFDS data of benchmark dataset `name`, then prints its `info`."""
+  """Prepares the TFDS data of benchmark dataset `name`, then prints its `info`.
+
+  Datasets TFDS downloads itself are first checked to be reachable (seconds, not TFDS's minutes
+  of retries); without network, the UserError says which files to download elsewhere and where
+  to put them. A failed preparation removes what it created.
+  """
   spec = registry.get_dataset(name)
   tfds_builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   root = os.fspath(tfds_builder.data_dir_root)
@@ -72,10 +82,82 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> None:
       command = source.prepare_command(spec, root, manual_dir)
       raise UserError(f"{name} needs a manual download: put {spec.manual_download} into "
                       f"{manual_dir}, then run:\n  {command}")
-  tfds_builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  else:
+    check_reachable(spec, tfds_builder, manual_dir or source.default_manual_dir(root))
+  downloads = os.path.join(root, "downloads")
+  watched = [root, os.path.join(root, spec.tfds_name.split("/")[0]), downloads,
+             os.path.join(downloads, "extracted")]
+  with removed_on_failure(watched):
+    try:
+      tfds_builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except OSError as e:  # network failures (requests' errors are OSErrors too)
+      raise offline_error(spec, tfds_builder, manual_dir or source.default_manual_dir(root),
+                          f"{type(e).__name__}: {e}") from e
   print(f"prepared {spec.tfds_name} in {root}")
   info(name, root, split_file=None)
+
+
+def tfds_downloads(tfds_builder: tfds.core.DatasetBuilder) -> dict[str, str]:
+  """URL -> file name of what TFDS downloads to prepare the builder (its config's
+  `download_url` where it names one, e.g. EuroSAT's RGB archive only)."""
+  infos = tfds_builder.url_infos or {}
+  url = getattr(tfds_builder.builder_config, "download_url", None)
+  if url in infos:
+    infos = {url: infos[url]}
+  return {u: info.filename or os.path.basename(urllib.parse.urlparse(u).path)
+          for u, info in infos.items()}
+
+
+def offline_error(spec: registry.DatasetSpec, tfds_builder: tfds.core.DatasetBuilder,
+                  manual_dir: str, reason: str) -> UserError:
+  """The manual route: which files to download on a machine with network, where to put them."""
+  files = ", ".join(f"{url} (as {name})" for url, name in tfds_downloads(tfds_builder).items())
+  command = source.prepare_command(spec, os.fspath(tfds_builder.data_dir_root), manual_dir)
+  return UserError(f"cannot download {spec.name}: {reason}. Without network access, download "
+                   f"{files} on a machine that has it, put them into {manual_dir} and run "
+                   f"`{command}`")
+
+
+def check_reachable(spec: registry.DatasetSpec, tfds_builder: tfds.core.DatasetBuilder,
+                    manual_dir: str, timeout: float = 10.0) -> None:
+  """Raises `offline_error` when a file TFDS would download (one not in `manual_dir` already)
+  cannot be reached: one HEAD request each, no retries, `timeout` seconds per connection step.
+  An HTTP error status means the host answered: TFDS then has its say."""
+  for url, name in tfds_downloads(tfds_builder).items():
+    if os.path.exists(os.path.join(manual_dir, name)):
+      continue
+    try:
+      urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+      pass
+    except OSError as e:  # URLError (no route, no name resolution), timeouts
+      host = urllib.parse.urlparse(url).netloc
+      raise offline_error(spec, tfds_builder, manual_dir,
+                          f"{host} cannot be reached ({getattr(e, 'reason', e)})") from e
+
+
+@contextlib.contextmanager
+def removed_on_failure(directories: Sequence[str]) -> Iterator[None]:
+  """If the block fails, removes what it created in `directories`: each one it created, and the
+  new entries of those that existed (TFDS leaves partial folders that warn later)."""
+  before = {d: set(os.listdir(d)) if os.path.isdir(d) else None for d in directories}
+  try:
+    yield
+  except BaseException:
+    for directory, entries in before.items():
+      if entries is None:
+        created = [directory]
+      elif os.path.isdir(directory):
+        created = [os.path.join(directory, e) for e in set(os.listdir(directory)) - entries]
+      else:
+        created = []
+      for path in created:
+        if os.path.isdir(path):
+          shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+          os.remove(path)
+    raise
 
 
 def _parser() -> argparse.ArgumentParser:
