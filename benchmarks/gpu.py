@@ -354,6 +354,7 @@ def matmul_peak_tflops(spec: Spec) -> float:
 def run_peer(spec: Spec) -> dict[str, Any]:
   """transformers CLIPModel + peft LoRA, autocast bf16, AdamW + cosine."""
   stages: dict[str, float] = {}
+  cpu_bench.hide_unusable_torchvision()
   import numpy as np  # pylint: disable=import-outside-toplevel
   import peft  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel

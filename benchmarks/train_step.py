@@ -106,6 +106,17 @@ def class_names(count: int, tokenizer: Callable[[list[str]], Any]) -> list[str]:
   raise ValueError(f"cannot make {count} distinct class names; the limit is {len(names)}")
 
 
+def hide_unusable_torchvision() -> None:
+  """transformers imports torchvision whenever it is installed (open-clip-torch pulls it in), and
+  a torchvision built for another torch (the index's CUDA build next to a CPU-only torch) fails
+  to import and takes transformers' CLIPModel and peft with it. The torch peers and oracles use
+  none of it, so such a torchvision is hidden from this process (find_spec then finds nothing)."""
+  try:
+    import torchvision  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401
+  except Exception:  # pylint: disable=broad-except  # RuntimeError for a mismatched build
+    sys.modules["torchvision"] = None
+
+
 def peak_rss_bytes() -> int:
   """Peak resident set size of this process (VmHWM), in bytes."""
   with open("/proc/self/status") as f:
@@ -251,6 +262,7 @@ def matmul_peak_gflops(dtype: Any, n: int = 4096, repeats: int = 5) -> float:
 
 def run_peer(spec: Spec) -> dict[str, Any]:
   """Times the reference-style torch loop on `transformers.CLIPModel`."""
+  hide_unusable_torchvision()
   import math  # pylint: disable=import-outside-toplevel
 
   import numpy as np  # pylint: disable=import-outside-toplevel

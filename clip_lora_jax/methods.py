@@ -40,6 +40,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   if config.method not in TRAINERS:
     raise UserError(f"config.method={config.method!r}: use one of {', '.join(TRAINERS)}")
+  training.resolve(config)
   if not overwrite:
     results = workdirs.finished_results(config, workdir)
     if results is not None:

@@ -355,19 +355,26 @@ class Run:
     return results
 
 
+def resolve(config: ml_collections.ConfigDict) -> data.DatasetSpec:
+  """Checks `config` (`validate`) and its dataset name, and sets `config.sampler` to the few-shot
+  sampler the run uses (`data.resolve_sampler`): the config a workdir records and compares.
+  Returns the dataset spec."""
+  validate(config)
+  spec = data.get_dataset(config.dataset)
+  with config.unlocked():
+    config.sampler = data.resolve_sampler(spec, config.split_file, config.get("sampler"))
+  return spec
+
+
 def start_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
               check_base: Callable[[model.CLIPConfig], Any] | None = None) -> Run:
   """The start every method's `train_and_evaluate` shares: checks the config, the dataset name
   and the workdir (new, or holding this very run unless `overwrite`: `workdirs.check`), makes the
   device mesh, loads the base model, checks that the method's settings fit its architecture
   (`check_base`, raising a UserError), and only then creates the workdir and records the config.
-  `config.sampler` is set to the few-shot sampler the run uses (`data.resolve_sampler`) before
-  it is compared or recorded.
+  The config is `resolve`d first.
   """
-  validate(config)
-  spec = data.get_dataset(config.dataset)
-  with config.unlocked():
-    config.sampler = data.resolve_sampler(spec, config.split_file, config.get("sampler"))
+  spec = resolve(config)
   workdirs.check(config, workdir, overwrite)
   mesh = sharding.make_mesh()
   sharding.check_divisible(config.batch_size, mesh)

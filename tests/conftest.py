@@ -13,21 +13,11 @@ import tempfile
 
 import pytest
 
+from benchmarks.train_step import hide_unusable_torchvision
 from clip_lora_jax import xla_flags
 
 
-def _hide_unusable_torchvision() -> None:
-  """transformers imports torchvision whenever it is installed (open-clip-torch, of the test
-  extra, pulls it in). The tests use none of it, but a torchvision built for another torch (the
-  index's CUDA build next to a CPU-only torch) fails to import and takes transformers' CLIPModel
-  with it; such a torchvision is hidden from the test process (find_spec then finds nothing)."""
-  try:
-    import torchvision  # pylint: disable=import-outside-toplevel,unused-import
-  except Exception:  # pylint: disable=broad-except  # RuntimeError for a mismatched build
-    sys.modules["torchvision"] = None
-
-
-_hide_unusable_torchvision()
+hide_unusable_torchvision()  # The torch oracle of these tests needs none of it.
 
 # In-process tests run JAX as train.py / eval.py do (same XLA flags, hence the same programs):
 # results compared with those of the command lines can then be equal to the bit.
