@@ -1,5 +1,5 @@
-"""Evaluates CLIP on a benchmark split: zero-shot, with a trained adapter (CLIP-LoRA, Block-LoRA
-or LLU), or a merged checkpoint.
+"""Evaluates CLIP on a benchmark split: zero-shot, with a trained adapter of any method, or a
+merged checkpoint.
 
   # zero-shot CLIP (CoOp-protocol template of the dataset; --templates=ensemble for CLIP's 80)
   python eval.py --config configs/fewshot.py:dataset=eurosat
@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 with cli.quiet_imports(sys.argv):
   from clip_lora_jax import base as base_lib
-  from clip_lora_jax import checkpoints, data, evaluation, files, llu, lora, methods, training
+  from clip_lora_jax import checkpoints, data, evaluation, files, lora, methods, training
 from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(
@@ -64,11 +64,8 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str,
   if adapter is not None:
     methods.check_overrides(adapter, config, overrides)
   base = base_lib.load_base_model(config.model, config.random_init, config.seed)
-  params = base.params
   if adapter is not None:
     lora.check_compatible(adapter, base.name, base.config, base.fingerprint)
-  if isinstance(adapter, lora.Adapter):  # weight-space: merged, then plain CLIP
-    params = lora.merge(base.params, adapter.lora, adapter.config)
   if "template" in overrides:
     trained = config.template
   elif adapter is not None:
@@ -77,16 +74,17 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str,
     trained = checkpoints.recorded_template(config.model) if os.path.isdir(config.model) else None
   templates = templates_for(spec, choice, config.template, trained)
   with training.data_context(config):
-    classifier = evaluation.zero_shot_classifier(params, base.config, base.tokenizer,
-                                                 spec.class_names, templates)
+    if adapter is None:
+      classifier = evaluation.zero_shot_classifier(base.params, base.config, base.tokenizer,
+                                                   spec.class_names, templates)
+      logits_fn = evaluation.clip_logits_fn(base.params, base.config, classifier)
+    else:
+      logits_fn = methods.logits_fn(base, adapter, spec.class_names, templates)
     image_size = base.config.vision.image_size
     batches = data.eval_batches(spec, split, batch_size=config.eval_batch_size,
                                 image_size=image_size, data_dir=config.data_dir,
                                 split_file=config.split_file)
     total = data.num_examples(spec, split, data_dir=config.data_dir, split_file=config.split_file)
-    logits_fn = (llu.logits_fn(params, base.config, adapter, classifier)
-                 if isinstance(adapter, llu.Adapter)
-                 else evaluation.clip_logits_fn(params, base.config, classifier))
     result = evaluation.evaluate(logits_fn, batches, total, config.progress)
   return {"dataset": spec.name, "split": split, "model": base.name, "adapter": adapter_path,
           "templates": list(templates), **result}

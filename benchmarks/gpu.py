@@ -8,7 +8,7 @@ gradients each step, loss = cross-entropy of 100 * cos(image, text), AdamW (lr 2
 decay 1e-2) on a cosine schedule, bf16 compute with fp32 parameters. Steps are synchronised;
 the median of `--steps` after `--warmup` is reported.
 
-* ours: `training.make_train_step` as train.py builds it (prompts packed by
+* ours: `methods.lora.make_train_step` as train.py builds it (prompts packed by
   `prompts.pack_prompts`, donated state, uint8 pixels normalised on the device, as
   `data.train_batches` gives them), `--dtype` compute. Time to the first step is split
   into its stages (backend start, parameters, set-up, lowering, compilation, first step), with

@@ -5,7 +5,7 @@ train-step time (median of `--steps` after `--warmup`), the peak resident memory
 size of the adapter file `train.py` writes. Random weights, synthetic data, fp32, as
 benchmarks/train_step.py (whose helpers this reuses):
 
-* CLIP-LoRA, Block-LoRA: `training.make_train_step` at batch `--batch` with every class prompt
+* CLIP-LoRA, Block-LoRA: `methods.lora.make_train_step` at batch `--batch` with every class prompt
   re-encoded with gradients (the text tower trains), q, k, v of both towers, rank 2. Block-LoRA
   'input' cuts the input into 8 chunks sharing A_s (configs/block_lora.py); 'rank' cuts the
   rank 2 into 2 blocks of rank 1 sharing A_s.
@@ -67,7 +67,8 @@ def run_weight_adapter(spec: Spec) -> dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from clip_lora_jax import block_lora, lora, model  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax import lora, model  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax.methods import block_lora  # pylint: disable=import-outside-toplevel
 
   cfg = model.get_config(spec.shape)
   params = model.init_params(jax.random.key(0), cfg)
@@ -103,7 +104,8 @@ def run_llu(spec: Spec) -> dict[str, Any]:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   # pylint: disable=import-outside-toplevel
-  from clip_lora_jax import features, llu, lora, model, training
+  from clip_lora_jax import features, lora, model, training
+  from clip_lora_jax.methods import llu
   from configs import llu as llu_configs  # pylint: disable=import-outside-toplevel
 
   cfg = model.get_config(spec.shape)

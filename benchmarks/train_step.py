@@ -6,7 +6,7 @@ a batch of 224x224 images, every class prompt "a photo of a {name}." re-encoded 
 loss = cross-entropy of 100 * cos(image, text), AdamW (lr 2e-4, weight decay 1e-2) on a cosine
 schedule. Images are synthetic and the same every step: the input pipeline is not measured.
 
-* ours: `training.make_train_step` (one jitted step with donated state), prompts packed by
+* ours: `methods.lora.make_train_step` (one jitted step with donated state), prompts packed by
   `prompts.pack_prompts` as train.py does (exact: causal text tower pooled at the end token,
   each prompt cut there and attending only to itself); also run with the untrimmed 77-token
   prompts, one per row, to show what the packing buys.
@@ -152,7 +152,7 @@ def time_steps(run_step: Callable[[], None], spec: Spec) -> list[float]:
 def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "float32",
                         untrimmed: bool = False, attention: str = "xla", remat: bool = False
                         ) -> tuple[Any, Any, Any, list[list[int]]]:
-  """`training.make_train_step` as `train.py` builds it (the recipe's optimizer and schedule,
+  """`methods.lora.make_train_step` as `train.py` builds it (the recipe's optimizer and schedule,
   the class prompts packed, or one per row at full length if `untrimmed`) for base architecture
   `cfg` and adapter config `lora_cfg`; a function returning a fresh state whose B is small
   random (each call the same); the step's `text`; and the prompt work as [[prompts, tokens], ...] (the prompts at their exact lengths, for model
@@ -162,6 +162,7 @@ def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "f
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from clip_lora_jax import lora, prompts, sharding, training  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax.methods import lora as lora_method  # pylint: disable=import-outside-toplevel
   from configs import fewshot  # pylint: disable=import-outside-toplevel
 
   config = fewshot.get_config()
@@ -171,7 +172,7 @@ def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "f
   lengths, counts = np.unique(np.argmax(ids, axis=-1) + 1, return_counts=True)
   work = ([[len(ids), ids.shape[1]]] if untrimmed
           else [[int(c), int(n)] for n, c in zip(lengths, counts)])
-  step_config = training.StepConfig(cfg, lora_cfg, logit_scale=100.0,
+  step_config = lora_method.StepConfig(cfg, lora_cfg, logit_scale=100.0,
                                     dtype=training.DTYPES[dtype], remat=remat, attention=attention)
 
   def initial_state():  # Made on the host CPU as train.py makes it, then put on the device.
@@ -181,15 +182,15 @@ def lora_step_and_state(cfg: Any, lora_cfg: Any, token_ids: Any, dtype: str = "f
       adapter = jax.tree.map_with_path(
           lambda path, x: B_INIT_STD * jax.random.normal(next(keys), x.shape)
           if path[-1].key == "b" else x, adapter)
-      state = training.init_state(0, adapter, optimizer)
+      state = lora_method.init_state(0, adapter, optimizer)
     return jax.device_put(state, jax.devices()[0])
 
-  return (training.make_train_step(step_config, optimizer), initial_state,
+  return (lora_method.make_train_step(step_config, optimizer), initial_state,
           jax.tree.map(jnp.asarray, text), work)
 
 
 def run_ours(spec: Spec) -> dict[str, Any]:
-  """Times `training.make_train_step` as `train.py` builds it; prompts trimmed unless ours77;
+  """Times `methods.lora.make_train_step` as `train.py` builds it; prompts trimmed unless ours77;
   `ours_xla` is `ours` run with `spec.xla_flags` added to XLA_FLAGS."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

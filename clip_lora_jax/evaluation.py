@@ -66,7 +66,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array],
              batches: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
              progress: bool = True, place: Callable[[dict], dict] = dict) -> dict[str, float]:
   """Top-1 / top-5 accuracy (in %) of the class scores `logits_fn(images)` (e.g.
-  `clip_logits_fn`, or an adapter's such as `llu.logits_fn`).
+  `clip_logits_fn`, or an adapter's such as `methods.logits_fn`).
 
   `batches` yield {"image", "label", "mask"}; examples with mask 0 (padding of the last batch)
   are not counted. `place` puts a host batch on devices (e.g. `sharding.global_batch`, where

@@ -52,7 +52,7 @@ class LoRAConfig:
   named set of the reference (bottom, mid, up, half-bottom, half-up, top, top3) or explicit
   layer indices. scaling: 'sqrt' gives alpha / sqrt(rank) (the reference), 'linear' alpha / rank.
 
-  A variant of LoRA (e.g. `clip_lora_jax.block_lora`) subclasses this config with its own
+  A variant of LoRA (e.g. `clip_lora_jax.methods.block_lora`) subclasses this config with its own
   `method` name, factor shapes and `pairs`; training, merging and adapter files then serve it.
   """
   method: ClassVar[str] = "lora"
@@ -221,10 +221,10 @@ def unmerge(params: Params, lora: Params, lora_config: LoRAConfig) -> Params:
 
 def config_type(method: str) -> type[LoRAConfig]:
   """The adapter config class of a weight-space method; method `m` lives in module
-  `clip_lora_jax.m`, imported on first use."""
+  `clip_lora_jax.methods.m`, imported on first use."""
   if method not in ADAPTER_TYPES and method.isidentifier():
     try:
-      importlib.import_module(f"clip_lora_jax.{method}")
+      importlib.import_module(f"clip_lora_jax.methods.{method}")
     except ModuleNotFoundError:
       pass
   if method not in ADAPTER_TYPES:
@@ -258,6 +258,11 @@ class Adapter:
   base_fingerprint: str
   few_shot: dict[str, Any] | None = None
   template: str | None = None
+
+  @property
+  def method(self) -> str:
+    """The method that trained it (`lora`, `block_lora`, ...)."""
+    return self.config.method
 
 
 def save_adapter(path: str, adapter: Adapter) -> None:

@@ -10,17 +10,15 @@ import importlib
 
 from clip_lora_jax import config_args
 from clip_lora_jax.errors import UserError
-
-# Method -> the config file of its full-size recipe.
-METHOD_CONFIGS = {"lora": "fewshot", "block_lora": "block_lora", "llu": "llu"}
+from clip_lora_jax.methods import METHODS
 
 
 def get_config(arg: str | None = None):
-  """`arg`: `method=lora|block_lora|llu` (default lora)."""
+  """`arg`: `method=NAME`, any method of `clip_lora_jax.methods.METHODS` (default lora)."""
   args = config_args.parse(arg, method="lora")
-  if args.method not in METHOD_CONFIGS:
-    raise UserError(f"method={args.method!r}: use one of {', '.join(METHOD_CONFIGS)}")
-  recipe = importlib.import_module(f"configs.{METHOD_CONFIGS[args.method]}")
+  if args.method not in METHODS:
+    raise UserError(f"method={args.method!r}: use one of {', '.join(METHODS)}")
+  recipe = importlib.import_module(f"configs.{METHODS[args.method].config_file}")
   c = recipe.get_config("dataset=eurosat,shots=2,seed=1")
   c.model = "tiny"
   c.random_init = True

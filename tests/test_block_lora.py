@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_lora_jax import block_lora, lora, model
+from clip_lora_jax import lora, model
+from clip_lora_jax.methods import block_lora
 from clip_lora_jax.errors import UserError
 
 TINY = model.get_config("tiny")  # vision width 64, text width 48

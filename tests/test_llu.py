@@ -12,7 +12,7 @@ import optax
 import pytest
 import scipy.cluster.hierarchy
 
-from clip_lora_jax import llu
+from clip_lora_jax.methods import llu
 from clip_lora_jax.errors import UserError
 
 DEFAULT = llu.LLUConfig()

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from clip_lora_jax import data, features, llu, methods, model, sharding, training
+from clip_lora_jax import data, features, methods, model, sharding, training
+from clip_lora_jax.methods import llu
 from clip_lora_jax.errors import UserError
 from configs import runlocal
 from tests.test_train_e2e import load_eval_module
@@ -64,7 +65,7 @@ def test_llu_trains_resumes_and_eval_py_reads_its_adapter(tmp_path):
   # A finished LLU run has no merged model to add.
   config.llu.gamma, config.export_merged = 0.5, True
   del config.lora
-  with pytest.raises(UserError, match="updates embeddings, not weights"):
+  with pytest.raises(UserError, match="does not change the weights"):
     methods.train_and_evaluate(config, whole)
 
 

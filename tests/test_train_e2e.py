@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import transformers
 
-from clip_lora_jax import block_lora, files, lora, methods
+from clip_lora_jax import files, lora, methods
+from clip_lora_jax.methods import block_lora
 from configs import runlocal
 
 from conftest import ENV, ROOT, RUNLOCAL_OVERRIDES, train_cmd

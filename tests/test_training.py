@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from clip_lora_jax import lora, methods, model, prompts, training
+from clip_lora_jax.methods import lora as lora_method
 from configs import fewshot
 from clip_lora_jax.errors import UserError
 
@@ -69,7 +70,7 @@ def test_train_steps_lower_the_loss_and_are_deterministic(encoders):
   config.optimizer.learning_rate = 1e-2
   base = model.init_params(jax.random.key(0), TINY)
   lora_config = lora.LoRAConfig(encoders=encoders, rank=4, dropout=0.0)
-  step_config = training.StepConfig(TINY, lora_config, logit_scale=100.0)
+  step_config = lora_method.StepConfig(TINY, lora_config, logit_scale=100.0)
   ids = np.zeros((3, 8), np.int32)
   ids[:, 0], ids[:, 1], ids[:, 2] = 49406, [320, 1125, 539], 49407
   text = (prompts.pack_prompts(ids) if step_config.text_trains
@@ -78,8 +79,9 @@ def test_train_steps_lower_the_loss_and_are_deterministic(encoders):
   images, labels = separable_batch(np.random.default_rng(0), 24, 3)
 
   def run():
-    state = training.init_state(0, lora.init(jax.random.PRNGKey(0), TINY, lora_config), optimizer)
-    step = training.make_train_step(step_config, optimizer)
+    state = lora_method.init_state(0, lora.init(jax.random.PRNGKey(0), TINY, lora_config),
+                                   optimizer)
+    step = lora_method.make_train_step(step_config, optimizer)
     losses = []
     for _ in range(30):
       state, m = step(state, base, images, labels, text)
@@ -114,7 +116,7 @@ def test_unknown_method_is_a_user_error():
   with pytest.raises(UserError, match="config.method='coop': use one of lora, block_lora, llu"):
     methods.train_and_evaluate(config, "/nonexistent/never-written")
   with pytest.raises(UserError, match="no weight-space adapter"):
-    training.lora_config_from(config)
+    lora_method.lora_config_from(config)
 
 
 def test_sampler_is_resolved_before_anything_is_written(tmp_path):
@@ -130,11 +132,11 @@ def test_bad_lora_section_is_a_user_error():
   config = fewshot.get_config()
   config.lora.rank = 0
   with pytest.raises(UserError, match="rank"):
-    training.lora_config_from(config)
+    lora_method.lora_config_from(config)
   config = fewshot.get_config()
   config.lora.layers = "sideways"
   with pytest.raises(UserError, match="layers"):
-    training.lora_config_from(config)
+    lora_method.lora_config_from(config)
 
 
 def test_config_argument_reaches_every_dataset_shot_and_seed():
@@ -157,8 +159,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32():
   images, labels = separable_batch(np.random.default_rng(0), 8, 3)
   losses, cosines = {}, {}
   for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-    step = training.make_train_step(training.StepConfig(TINY, lora_config, dtype=dtype), optimizer)
-    state = training.init_state(0, lora.init(jax.random.PRNGKey(0), TINY, lora_config), optimizer)
+    step = lora_method.make_train_step(lora_method.StepConfig(TINY, lora_config, dtype=dtype),
+                                       optimizer)
+    state = lora_method.init_state(0, lora.init(jax.random.PRNGKey(0), TINY, lora_config), optimizer)
     state, m = step(state, base, images, labels, prompts.pack_prompts(ids))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["lora"]))
     losses[name] = float(m["loss"])
@@ -183,9 +186,9 @@ def test_packed_prompts_give_the_unpacked_loss_and_gradients():
   assert packed.token_ids.shape == (4, 10)  # 37 tokens in 4 rows of 10
   optimizer = optax.sgd(1.0)  # the new adapter is the old one minus the gradient
   adapter = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.PRNGKey(0), TINY, lora_config))
-  state = training.init_state(0, adapter, optimizer)
+  state = lora_method.init_state(0, adapter, optimizer)
   images, labels = separable_batch(np.random.default_rng(0), 8, 7)
-  step = training.make_train_step(training.StepConfig(TINY, lora_config), optimizer)
+  step = lora_method.make_train_step(lora_method.StepConfig(TINY, lora_config), optimizer)
 
   def one_step(text):
     new_state, metrics = step(jax.tree.map(jnp.copy, state), base, images, labels, text)
@@ -218,19 +221,19 @@ def test_numbers_and_paths_no_run_can_use_are_user_errors(key, value, message):
 
 def test_training_loss_is_what_the_train_step_differentiates():
   lora_config = lora.LoRAConfig(rank=2, dropout=0.25)
-  step_config = training.StepConfig(TINY, lora_config)
+  step_config = lora_method.StepConfig(TINY, lora_config)
   base = model.init_params(jax.random.key(0), TINY)
   adapter = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.PRNGKey(0), TINY, lora_config))
   ids = np.zeros((3, 8), np.int32)
   ids[:, 0], ids[:, 1], ids[:, 2] = 49406, [320, 1125, 539], 49407
   images, labels = separable_batch(np.random.default_rng(0), 8, 3)
   optimizer = optax.sgd(1.0)  # the new adapter is the old one minus the gradient
-  state = training.init_state(3, adapter, optimizer)
+  state = lora_method.init_state(3, adapter, optimizer)
   rng = jax.random.fold_in(state["rng"], state["step"])  # the step's dropout key
 
-  (loss, logits), grads = jax.value_and_grad(training.training_loss, has_aux=True)(
+  (loss, logits), grads = jax.value_and_grad(lora_method.training_loss, has_aux=True)(
       adapter, base, images, labels, prompts.pack_prompts(ids), rng, step_config)
-  new_state, metrics = training.make_train_step(step_config, optimizer)(
+  new_state, metrics = lora_method.make_train_step(step_config, optimizer)(
       jax.tree.map(jnp.copy, state), base, images, labels, prompts.pack_prompts(ids))
   assert logits.shape == (8, 3)
   assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)

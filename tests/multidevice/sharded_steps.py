@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from clip_lora_jax import features, lora, model, prompts, sharding, training
+from clip_lora_jax.methods import lora as lora_method
 from configs import fewshot
 
 
@@ -25,10 +26,10 @@ def run(mesh, params, fsdp: bool, steps: int = 4):
   for row, end in enumerate((3, 5, 2, 4, 3)):
     ids[row, end], ids[row, end + 1:] = 49407, 0
   packed = prompts.pack_prompts(ids, row_length=8, row_multiple=mesh.size)  # 3 rows, padded
-  step_config = training.StepConfig(CONFIG, lora_config)
-  step = training.make_train_step(step_config, optimizer, mesh)
+  step_config = lora_method.StepConfig(CONFIG, lora_config)
+  step = lora_method.make_train_step(step_config, optimizer, mesh)
   state = sharding.put_replicated(
-      training.init_state(0, lora.init(jax.random.PRNGKey(0), CONFIG, lora_config), optimizer),
+      lora_method.init_state(0, lora.init(jax.random.PRNGKey(0), CONFIG, lora_config), optimizer),
       mesh)
   params = jax.device_put(params, sharding.params_sharding(params, mesh, fsdp))
   text = prompts.shard_packed(packed, mesh)

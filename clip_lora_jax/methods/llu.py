@@ -29,8 +29,8 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +40,13 @@ import optax
 import scipy.cluster.hierarchy
 from flax import traverse_util
 
+from clip_lora_jax import base as base_lib
 from clip_lora_jax import data, evaluation, features, files, lora, metrics, model, sharding
 from clip_lora_jax import training, workdirs
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.model import Params, cosine_logits, normalize
 
+SECTION = "llu"
 MODALITIES = {"image": ("image",), "text": ("text",), "both": ("image", "text")}
 MODES = ("exp", "dirac")
 # 'dirac' treats e as an anchor when d(e) <= this: 25x the float32 rounding of cos(e, e) for
@@ -199,8 +201,6 @@ def num_parameters(params: Params) -> int:
 
 
 FORMAT = "clip_lora_jax.llu/1"
-NO_MERGED_EXPORT = ("config.export_merged=True: an LLU adapter updates embeddings, not weights, so "
-                    "there is no merged model to export; drop the override")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +216,7 @@ class Adapter:
   base_fingerprint: str
   few_shot: dict[str, Any] | None = None
   template: str | None = None
+  method: ClassVar[str] = "llu"
 
 
 def save_adapter(path: str, adapter: Adapter) -> None:
@@ -254,13 +255,22 @@ def _image_logits(base_params: Params, model_config: model.CLIPConfig, params: P
                 anchors, config)
 
 
-def logits_fn(base_params: Params, model_config: model.CLIPConfig, adapter: Adapter,
-              classifier: jax.Array) -> Callable[[jax.Array], jax.Array]:
+def classifier_logits_fn(base_params: Params, model_config: model.CLIPConfig, adapter: Adapter,
+                         classifier: jax.Array) -> Callable[[jax.Array], jax.Array]:
   """images -> LLU logits against the (C, E) class embeddings `classifier` (text side updated
   by the adapter too), for `evaluation.evaluate`."""
   anchors = {k: jnp.asarray(v) for k, v in adapter.anchors.items()}
   return functools.partial(_image_logits, base_params, model_config, adapter.params, anchors,
                            adapter.config, jnp.asarray(classifier))
+
+
+def logits_fn(base: base_lib.BaseModel, adapter: Adapter, class_names: Sequence[str],
+              templates: Sequence[str]) -> Callable[[jax.Array], jax.Array]:
+  """images -> LLU logits of `base` with `adapter`, the classes embedded by the base text tower
+  under `templates` (then updated by the adapter's text map)."""
+  classifier = evaluation.zero_shot_classifier(base.params, base.config, base.tokenizer,
+                                               class_names, templates)
+  return classifier_logits_fn(base.params, base.config, adapter, classifier)
 
 
 def batch_indices(count: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -294,8 +304,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if "llu" not in config:
     raise UserError("config.method='llu' needs an `llu` section and LLU's training recipe; "
                     "start from configs/llu.py")
-  if config.export_merged:
-    raise UserError(NO_MERGED_EXPORT)
   llu_config = LLUConfig.from_dict(config.llu.to_dict())
   run = training.start_run(config, workdir, overwrite)
   base, mesh = run.base, run.mesh
@@ -340,6 +348,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         base.fingerprint, run.few_shot, config.template)
       if run.lead:
         save_adapter(os.path.join(workdir, workdirs.ADAPTER_FILE), adapter)
-      test = run.test_accuracy(logits_fn(params, base.config, adapter, classifier))
+      test = run.test_accuracy(classifier_logits_fn(params, base.config, adapter, classifier))
       writer.write(run.steps, {f"test/{k}": v for k, v in test.items()})
   return run.finish(num_parameters(adapter.params), test)
