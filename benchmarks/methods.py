@@ -105,7 +105,7 @@ def run_llu(spec: Spec) -> dict[str, Any]:
 
   # pylint: disable=import-outside-toplevel
   from clip_lora_jax import features, lora, model, training
-  from clip_lora_jax.methods import llu
+  from clip_lora_jax.methods import feature_cache, llu
   from configs import llu as llu_configs  # pylint: disable=import-outside-toplevel
 
   cfg = model.get_config(spec.shape)
@@ -138,7 +138,7 @@ def run_llu(spec: Spec) -> dict[str, Any]:
 
   def run_step() -> None:
     nonlocal state
-    rows = llu.batch_indices(views, config.batch_size, 0, int(state["step"]))
+    rows = feature_cache.batch_indices(views, config.batch_size, 0, int(state["step"]))
     state, metrics = step(state, jnp.asarray(view_emb[rows], jnp.float32),
                           jnp.asarray(view_labels[rows], jnp.int32), text, anchors)
     jax.block_until_ready((state, metrics))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,29 @@ import numpy as np
 import tqdm
 
 from clip_lora_jax import lora, model
+from clip_lora_jax.errors import UserError
 from clip_lora_jax.tokenizer import Tokenizer
 
 TEXT_CHUNK = 256  # Prompts encoded at once inside the compiled text loop.
+# CoOp's `ZeroshotCLIP2` ensemble: these seven templates plus the dataset's own (CoOp) template.
+COOP_ENSEMBLE = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                 "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+                 "a photo of the small {}.")
+# config: the run's `config.template` (CLIP-LoRA's "a photo of a {}." for every dataset); coop:
+# the dataset's hand-crafted template; coop_ensemble: the 7 + 1 above; clip_ensemble: the
+# dataset's template ensemble (CLIP's 80 for ImageNet, else its CoOp template).
+TEMPLATE_SETS = ("config", "coop", "coop_ensemble", "clip_ensemble")
+
+
+def templates(spec: Any, choice: str, template: str) -> tuple[str, ...]:
+  """The prompt templates of a `TEMPLATE_SETS` choice for dataset `spec` (a `data.DatasetSpec`);
+  `template` is the config's."""
+  sets = {"config": (template,), "coop": (spec.coop_template,),
+          "coop_ensemble": (*COOP_ENSEMBLE, spec.coop_template),
+          "clip_ensemble": tuple(spec.ensemble_templates)}
+  if choice not in sets:
+    raise UserError(f"templates={choice!r}: use one of {', '.join(TEMPLATE_SETS)}")
+  return sets[choice]
 
 
 def prompt_ids(tokenizer: Tokenizer, class_names: Sequence[str],

@@ -1,11 +1,12 @@
-"""Frozen CLIP image embeddings of few-shot sets, for methods that train on features (LLU; the
-same serves feature-cache baselines such as Tip-Adapter or a linear probe).
+"""Frozen CLIP image features of few-shot sets, for the methods that train on features (LLU, the
+feature-cache baselines of `methods.feature_cache`).
 
-The embeddings of `views` augmented views of every training shot, of the clean (test-
-preprocessed) training shots and of the validation shots are computed once with the frozen
-base and cached as one .npz keyed by the base weights and the exact images, so a second run
-(another seed of the method's own randomness, other hyper-parameters, a resumed run) starts
-training within seconds.
+The pooled features (before the visual projection) of `views` augmented views of every training
+shot, of the clean (test-preprocessed) training shots and of the validation shots are computed
+once with the frozen base and cached as one .npz keyed by the base weights and the exact images,
+so a second run (another method, other hyper-parameters, a resumed run) starts training within
+seconds. Methods get the projected embeddings, or the features themselves (those that train the
+projection).
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ import numpy as np
 from clip_lora_jax import data, model, sharding
 from clip_lora_jax.data import source
 
-_VERSION = 1  # Bump when what is cached changes.
+_VERSION = 2  # Bump when what is cached changes.
+KINDS = ("views", "shots", "val")  # Each with its labels, `<kind>_labels`.
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
 def encode(params: model.Params, config: model.CLIPConfig, images: jax.Array) -> jax.Array:
-  """Unnormalised embeddings of the frozen image tower (compiled once per shape)."""
-  return model.encode_images(params, images, config)
+  """Pooled features of the frozen image tower (compiled once per shape)."""
+  return model.encode_image_features(params, images, config)
 
 
 def embed_batches(params: model.Params, config: model.CLIPConfig,
                   batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh,
                   limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(N, E) float32 unnormalised image embeddings and (N,) labels of every unmasked row of
+  """(N, W) float32 pooled image features and (N,) labels of every unmasked row of
   `batches` (each process's rows of global batches), in order; stops after `limit` rows."""
   place = lambda batch: sharding.global_batch(mesh, batch)
   gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
@@ -55,16 +56,29 @@ def embed_batches(params: model.Params, config: model.CLIPConfig,
 
 def few_shot_features(params: model.Params, config: model.CLIPConfig, fingerprint: str,
                       few: data.FewShotSet, views: int, seed: int, batch_size: int,
-                      mesh: jax.sharding.Mesh, cache_dir: str | None = None
-                      ) -> dict[str, np.ndarray]:
-  """Embeddings of a few-shot set, from the cache when present:
+                      mesh: jax.sharding.Mesh, cache_dir: str | None = None,
+                      projected: bool = True) -> dict[str, np.ndarray]:
+  """Unnormalised image embeddings (`projected`; else the pooled features before the visual
+  projection) of a few-shot set, from the cache when present:
 
   views, view_labels: `views` augmented views of every training shot, (views x N, E): the first
     `views` epochs of `data.train_batches(few, seed=seed)`, i.e. the very images a LoRA run
     of that seed trains on first;
   shots, shot_labels: the training shots test-preprocessed (decode, resize, centre crop);
-  val, val_labels: the validation shots, test-preprocessed.
+  val, val_labels: the validation shots, test-preprocessed (absent when there are none).
   """
+  out = _pooled_features(params, config, fingerprint, few, views, seed, batch_size, mesh,
+                         cache_dir)
+  if projected:
+    project = jax.jit(model.project_images)
+    out.update({kind: np.asarray(project(params, out[kind])) for kind in KINDS if kind in out})
+  return out
+
+
+def _pooled_features(params: model.Params, config: model.CLIPConfig, fingerprint: str,
+                     few: data.FewShotSet, views: int, seed: int, batch_size: int,
+                     mesh: jax.sharding.Mesh, cache_dir: str | None) -> dict[str, np.ndarray]:
+  """`few_shot_features` before the projection: computed once, then read from the cache."""
   path = _cache_path(cache_dir or source.default_cache_dir(), fingerprint, config, few, views,
                      seed)
   if os.path.exists(path):

@@ -501,6 +501,11 @@ class CLIP(nn.Module):
     unnormalised float32 embeddings."""
     return self.visual_projection(self.vision(images, deterministic)).astype(jnp.float32)
 
+  def encode_image_features(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) images -> (B, vision width) float32 pooled features before the projection
+    (what `encode_image` projects; methods that train the projection start from them)."""
+    return self.vision(images, True).astype(jnp.float32)
+
   def encode_text(self, token_ids: jax.Array, deterministic: bool = True,
                   positions: jax.Array | None = None, ends: Pool | None = None) -> jax.Array:
     """(N, T) token ids, T <= context_length (or packed prompts: see `TextTower`) ->
@@ -598,6 +603,18 @@ def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
   return model.apply(_variables(params, lora), images, dropout_rng is None,
                      method=CLIP.encode_image, rngs=rngs)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def encode_image_features(params: Params, images: jax.Array, config: CLIPConfig) -> jax.Array:
+  """Pooled image features before the visual projection, (B, vision width): `encode_images`
+  is `project_images(encode_image_features(...))`."""
+  return CLIP(config).apply({"params": params}, images, method=CLIP.encode_image_features)
+
+
+def project_images(params: Params, features: jax.Array) -> jax.Array:
+  """Pooled image features -> unnormalised image embeddings (the visual projection)."""
+  return jnp.matmul(features, params["visual_projection"]["kernel"].astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=(*_ENCODER_OPTIONS, "chunk_size"))

@@ -33,9 +33,17 @@ State = dict[str, Any]  # A method's train state ({'step', ...}): all arrays, ch
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def total_steps(config: ml_collections.ConfigDict) -> int:
-  """`total_steps` if set, else `iterations_per_shot x shots` (500 x shots in the reference)."""
-  return config.total_steps if config.get("total_steps") else config.iterations_per_shot * config.shots
+def total_steps(config: ml_collections.ConfigDict, num_classes: int | None = None) -> int:
+  """`total_steps` if set; else `epochs` passes over the shots x classes training rows in
+  batches of `batch_size`, for configs that count epochs (the baselines' recipes); else
+  `iterations_per_shot x shots` (500 x shots in the CLIP-LoRA reference)."""
+  if config.get("total_steps"):
+    return config.total_steps
+  if config.get("epochs") is not None:
+    if num_classes is None:
+      raise ValueError("an epoch-counted config needs the number of classes")
+    return config.epochs * math.ceil(config.shots * num_classes / config.batch_size)
+  return config.iterations_per_shot * config.shots
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -46,6 +54,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "eval_batch_size": config.eval_batch_size, "keep_checkpoints": config.keep_checkpoints}
   if config.get("total_steps") is not None:
     positive["total_steps"] = config.total_steps
+  if config.get("epochs") is not None and config.epochs < 0:
+    raise UserError(f"config.epochs={config.epochs}: must be a non-negative integer")
   for key, value in positive.items():
     if value <= 0:
       raise UserError(f"config.{key}={value}: must be a positive integer")
@@ -59,6 +69,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if "{}" not in config.template:
     raise UserError(f"config.template={config.template!r} has no '{{}}' for the class name")
   o = config.optimizer
+  if o.get("name", "adamw") not in OPTIMIZERS:
+    raise UserError(f"config.optimizer.name={o.name!r}: use one of {', '.join(OPTIMIZERS)}")
   numbers = [("optimizer.learning_rate", o.learning_rate, o.learning_rate > 0, "> 0"),
              ("optimizer.min_learning_rate", o.min_learning_rate,
               0 <= o.min_learning_rate <= o.learning_rate, "in [0, learning_rate]"),
@@ -85,10 +97,23 @@ def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps: int) -> 
                                      alpha=optimizer.min_learning_rate / optimizer.learning_rate)
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
 def make_optimizer(optimizer: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
-  """AdamW with decoupled weight decay (torch.optim.AdamW's update) on the schedule above."""
-  return optax.adamw(learning_rate_schedule(optimizer, steps), b1=optimizer.b1, b2=optimizer.b2,
-                     eps=optimizer.eps, weight_decay=optimizer.weight_decay)
+  """`optimizer.name` on the schedule above, with torch's update rules: "adamw" (the default)
+  decouples the weight decay (torch.optim.AdamW); "adam" and "sgd" add it to the gradient as an
+  L2 term (torch.optim.Adam, torch.optim.SGD with `momentum`, as the Dassl-based baselines)."""
+  schedule = learning_rate_schedule(optimizer, steps)
+  name = optimizer.get("name", "adamw")
+  if name == "adamw":
+    return optax.adamw(schedule, b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps,
+                       weight_decay=optimizer.weight_decay)
+  l2 = optax.add_decayed_weights(optimizer.weight_decay)
+  if name == "adam":
+    return optax.chain(l2, optax.adam(schedule, b1=optimizer.b1, b2=optimizer.b2,
+                                      eps=optimizer.eps))
+  return optax.chain(l2, optax.sgd(schedule, momentum=optimizer.get("momentum") or None))
 
 
 def classification_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
@@ -233,11 +258,13 @@ class Run:
         total=data.num_examples(self.spec, "test", **split), place=self.place,
         progress=c.progress and self.lead)
 
-  def finish(self, trainable_parameters: int, test: dict[str, float]) -> dict[str, Any]:
-    """The run's results; written to `results.json` by process 0 (the last file a run writes)."""
+  def finish(self, trainable_parameters: int, test: dict[str, float],
+             steps: int | None = None) -> dict[str, Any]:
+    """The run's results (`steps` trained: `self.steps` unless given); written to
+    `results.json` by process 0 (the last file a run writes)."""
     c = self.config
     results = {"method": c.method, "dataset": self.spec.name, "shots": c.shots, "seed": c.seed,
-               "model": self.base.name, "steps": self.steps,
+               "model": self.base.name, "steps": self.steps if steps is None else steps,
                "trainable_parameters": trainable_parameters,
                **{f"test_{k}": v for k, v in test.items()}}
     if self.lead:
@@ -273,4 +300,4 @@ def start_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool =
   if check_base is not None:
     check_base(base.config)
   workdirs.record(config, workdir, overwrite)
-  return Run(config, workdir, mesh, total_steps(config), base, spec)
+  return Run(config, workdir, mesh, total_steps(config, spec.num_classes), base, spec)

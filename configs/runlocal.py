@@ -28,4 +28,6 @@ def get_config(arg: str | None = None):
   c.log_every = 5
   c.checkpoint_every = 20
   c.eval_batch_size = 16
+  if "views" in c:  # feature-cache methods
+    c.views = min(c.views, 2)
   return c

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clip_lora_jax import data, features, methods, model, sharding, training
-from clip_lora_jax.methods import llu
+from clip_lora_jax.methods import feature_cache, llu
 from clip_lora_jax.errors import UserError
 from configs import runlocal
 from tests.test_train_e2e import load_eval_module
@@ -91,11 +91,11 @@ def test_view_features_are_the_first_epochs_of_the_train_stream(tmp_path):
 
 
 def test_batch_indices_visit_every_row_once_per_epoch():
-  rows = np.concatenate([llu.batch_indices(10, 4, seed=3, step=s) for s in range(5)])
+  rows = np.concatenate([feature_cache.batch_indices(10, 4, seed=3, step=s) for s in range(5)])
   assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:20]) == list(range(10))
   assert list(rows[:10]) != list(range(10))  # shuffled
-  np.testing.assert_array_equal(llu.batch_indices(10, 4, 3, 2), rows[8:12])
-  np.testing.assert_array_equal(llu.batch_indices(10, 16, 3, 7), np.arange(10))
+  np.testing.assert_array_equal(feature_cache.batch_indices(10, 4, 3, 2), rows[8:12])
+  np.testing.assert_array_equal(feature_cache.batch_indices(10, 16, 3, 7), np.arange(10))
 
 
 def test_other_files_are_clear_errors(tmp_path):

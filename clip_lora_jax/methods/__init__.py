@@ -45,6 +45,7 @@ METHODS: dict[str, Method] = {
     "lora": Method("lora", "fewshot"),
     "block_lora": Method("lora", "block_lora"),
     "llu": Method("llu", "llu"),
+    "zero_shot": Method("zero_shot", "zero_shot"),
 }
 
 

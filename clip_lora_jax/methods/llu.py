@@ -44,6 +44,7 @@ from clip_lora_jax import base as base_lib
 from clip_lora_jax import data, evaluation, features, files, lora, metrics, model, sharding
 from clip_lora_jax import training, workdirs
 from clip_lora_jax.errors import UserError
+from clip_lora_jax.methods import feature_cache
 from clip_lora_jax.model import Params, cosine_logits, normalize
 
 SECTION = "llu"
@@ -273,18 +274,6 @@ def logits_fn(base: base_lib.BaseModel, adapter: Adapter, class_names: Sequence[
   return classifier_logits_fn(base.params, base.config, adapter, classifier)
 
 
-def batch_indices(count: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-  """Rows of training batch `step` (from 0) over `count` features: epoch e visits every row once
-  in an order seeded by (seed, e); a batch of at least `count` rows is the whole set, in order.
-  A pure function of its arguments, so a resumed run draws the same batches."""
-  if batch_size >= count:
-    return np.arange(count)
-  positions = step * batch_size + np.arange(batch_size)
-  epochs = positions // count
-  orders = {e: np.random.default_rng([seed, e]).permutation(count) for e in np.unique(epochs)}
-  return np.array([orders[e][p % count] for e, p in zip(epochs, positions)])
-
-
 def make_train_step(config: LLUConfig, optimizer: optax.GradientTransformation) -> Callable:
   """A jitted `(state, image_emb, labels, text_emb, anchors) -> (state, metrics)`, donated state."""
   def step(state, image_emb, labels, text_emb, anchors):
@@ -331,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_step = make_train_step(llu_config, optimizer)
 
     def next_step(state):
-      rows = batch_indices(len(feats["views"]), config.batch_size, config.seed, int(state["step"]))
+      rows = feature_cache.batch_indices(len(feats["views"]), config.batch_size, config.seed, int(state["step"]))
       batch = sharding.put_replicated((feats["views"][rows], feats["view_labels"][rows]), mesh)
       return train_step(state, *batch, classifier, placed_anchors)
 
