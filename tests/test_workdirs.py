@@ -18,8 +18,9 @@ def config():
 
 
 def recorded(tmp_path, c) -> str:
-  """A workdir that records the run of config `c`."""
+  """A workdir that records the run of config `c`, as a run records it (resolved)."""
   workdir = str(tmp_path / "run")
+  training.resolve(c)
   workdirs.record(c, workdir)
   return workdir
 
