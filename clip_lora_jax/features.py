@@ -21,6 +21,7 @@ import numpy as np
 
 from clip_lora_jax import data, model, sharding
 from clip_lora_jax.data import source
+from clip_lora_jax.errors import UserError
 
 _VERSION = 2  # Bump when what is cached changes.
 KINDS = ("views", "shots", "val")  # Each with its labels, `<kind>_labels`.
@@ -79,11 +80,16 @@ def _pooled_features(params: model.Params, config: model.CLIPConfig, fingerprint
                      few: data.FewShotSet, views: int, seed: int, batch_size: int,
                      mesh: jax.sharding.Mesh, cache_dir: str | None) -> dict[str, np.ndarray]:
   """`few_shot_features` before the projection: computed once, then read from the cache."""
-  path = _cache_path(cache_dir or source.default_cache_dir(), fingerprint, config, few, views,
-                     seed)
+  key = _cache_key(fingerprint, config, few, views, seed)
+  path = os.path.join(cache_dir or source.default_cache_dir(), "features", f"{key[:24]}.npz")
   if os.path.exists(path):
     with np.load(path) as cached:
-      return dict(cached)
+      out = dict(cached)
+    if str(out.pop("key", "")) != key:
+      raise UserError(f"the feature cache {path!r} holds the features of another base model or "
+                      "task (its key differs): delete that file, or pass another "
+                      "--config.cache_dir")
+    return out
   hosts = sharding.process_rows()
   size = config.vision.image_size
   embed = functools.partial(embed_batches, params, config, mesh=mesh)
@@ -97,14 +103,15 @@ def _pooled_features(params: model.Params, config: model.CLIPConfig, fingerprint
     out["val"], out["val_labels"] = embed(
         data.few_shot_eval_batches(few, "val", batch_size, size, **hosts))
   if jax.process_index() == 0:
-    source.save_npz_atomic(path, **out)
+    source.save_npz_atomic(path, key=np.asarray(key), **out)
   return out
 
 
-def _cache_path(cache_dir: str, fingerprint: str, config: model.CLIPConfig,
-                few: data.FewShotSet, views: int, seed: int) -> str:
-  """Keyed by the base weights and architecture, the exact images and labels, views and seed."""
+def _cache_key(fingerprint: str, config: model.CLIPConfig, few: data.FewShotSet, views: int,
+               seed: int) -> str:
+  """The base weights and architecture, the exact images and labels, views and seed, hashed;
+  the cache file is named by its start and holds it whole, checked on reading."""
   digest = hashlib.sha256(repr((_VERSION, fingerprint, config, views, seed)).encode())
   for part in (*few.images, few.labels.tobytes(), *few.val_images, few.val_labels.tobytes()):
     digest.update(hashlib.sha256(part).digest())
-  return os.path.join(cache_dir, "features", f"{digest.hexdigest()[:24]}.npz")
+  return digest.hexdigest()
