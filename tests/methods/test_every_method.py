@@ -93,3 +93,12 @@ def test_a_feature_cache_of_another_base_or_task_is_refused(tmp_path, feature_ca
   np.savez(path, **contents)
   with pytest.raises(UserError, match="holds the features of another base model or task"):
     methods.train_and_evaluate(config, str(tmp_path / "other"))
+
+
+def test_the_feature_methods_benchmark_runs_every_method(tmp_path):
+  from benchmarks import feature_methods  # pylint: disable=import-outside-toplevel
+  tasks = {"embedding": feature_methods.synthetic_task(4, 2, 2, 8),
+           "features": feature_methods.synthetic_task(4, 2, 2, 8, width=12)}
+  for name in FEATURE_METHODS:
+    row = feature_methods.time_method(name, tasks, 2, str(tmp_path / name))
+    assert row["method"] == name and row["seconds"] > 0 and 0 <= row["val_top1"] <= 100
