@@ -25,6 +25,8 @@ from ml_collections import config_flags
 with cli.quiet_imports(sys.argv):
   from clip_lora_jax import base as base_lib
   from clip_lora_jax import checkpoints, data, evaluation, files, lora, methods, training
+  # TensorFlow comes with TFDS: its C++ import notice is silenced here, whatever the method.
+  from clip_lora_jax.data import source  # noqa: F401  pylint: disable=unused-import
 from clip_lora_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file(

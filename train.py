@@ -52,6 +52,8 @@ def main(argv):
     with cli.quiet_imports(sys.argv):
       import jax  # pylint: disable=import-outside-toplevel
       from clip_lora_jax import methods, sharding  # pylint: disable=import-outside-toplevel
+      # TensorFlow comes with TFDS: its C++ import notice is silenced here, whatever the method.
+      from clip_lora_jax.data import source  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                     auto=f.distributed)
     results = methods.train_and_evaluate(f.config, f.workdir, f.overwrite)

@@ -14,7 +14,8 @@ identity (`base_name`, `base_config`, `base_fingerprint`), `few_shot` and `templ
 Shared pieces: `clip_lora_jax.training` (run start, loop, optimizer, checkpoints, results),
 `clip_lora_jax.features` (cached frozen embeddings), `feature_cache` (the whole run of a method
 that trains on cached features). Imports go one way: data, model, features, training <- methods
-<- train.py, eval.py.
+<- train.py, eval.py. This module imports them on first use only: config files read the
+registry without loading JAX or TensorFlow.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import dataclasses
 import importlib
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import ml_collections
-
-from clip_lora_jax import base as base_lib
-from clip_lora_jax import files, training, workdirs
 from clip_lora_jax.errors import UserError
+
+if TYPE_CHECKING:
+  import ml_collections
+
+  from clip_lora_jax import base as base_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `config.export_merged`, the merged model is added if missing). One holding another run is
   refused, unless `overwrite` replaces it.
   """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from clip_lora_jax import training, workdirs  # pylint: disable=import-outside-toplevel
   method = get(config.method)
   if config.get("export_merged") and not hasattr(method, "export_finished"):
     raise UserError(f"config.export_merged=True: a {config.method!r} adapter does not change "
@@ -82,6 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def load_adapter(path: str) -> Any:
   """Any method's adapter file, read by the module of the method it records."""
+  from clip_lora_jax import files  # pylint: disable=import-outside-toplevel
   _, metadata = files.read_safetensors(path, tensors=False)
   name = metadata.get("method", "")
   if not metadata.get("format", "").startswith("clip_lora_jax.") or name not in METHODS:

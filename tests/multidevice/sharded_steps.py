@@ -43,13 +43,13 @@ def run(mesh, params, fsdp: bool, steps: int = 4):
 
 
 def image_features(mesh, params):
-  """Embeddings of 20 images in batches of 8 (the last one padded and masked)."""
+  """Pooled features of 20 images in batches of 8 (the last one padded and masked)."""
   images = np.random.default_rng(1).normal(size=(24, 32, 32, 3)).astype(np.float32)
   mask = (np.arange(24) < 20).astype(np.int32)
   batches = [{"image": images[i:i + 8], "label": np.arange(i, i + 8, dtype=np.int32),
               "mask": mask[i:i + 8]} for i in (0, 8, 16)]
   emb, labels = features.embed_batches(params, CONFIG, batches, mesh)
-  assert emb.shape == (20, 32) and list(labels) == list(range(20)), (emb.shape, labels)
+  assert emb.shape == (20, CONFIG.vision.width) and list(labels) == list(range(20)), (emb.shape, labels)
   return emb
 
 
