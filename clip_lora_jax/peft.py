@@ -207,9 +207,14 @@ def read_peft(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   return peft_config, tensors
 
 
+def _option(peft_config: dict[str, Any], key: str) -> Any:
+  """An adapter_config.json option, PEFT's default where the file omits it."""
+  return peft_config.get(key, PEFT_DEFAULTS.get(key))
+
+
 def check_peft_config(peft_config: dict[str, Any], where: str) -> None:
   """Raises a UserError naming the first option of a PEFT config that our LoRA cannot represent."""
-  get = lambda key: peft_config.get(key, PEFT_DEFAULTS.get(key))
+  get = lambda key: _option(peft_config, key)
   if get("peft_type") != "LORA":
     raise UserError(f"{where}: peft_type {get('peft_type')!r} is not LoRA; clip_lora_jax imports "
                     "PEFT LoRA adapters only")
@@ -235,7 +240,8 @@ def _factors(tensors: dict[str, np.ndarray], model_config: CLIPConfig, where: st
              ) -> dict[tuple[str, int, str], dict[str, np.ndarray]]:
   """(tower, layer, matrix) -> {'A': (r, in), 'B': (out, r)} of the PEFT weights; a UserError
   naming the tensors that are no LoRA factors of an encoder attention projection of the base."""
-  modules = {name: target for target, name in attention_modules(model_config).items()}
+  names = attention_modules(model_config)
+  modules = {name: target for target, name in names.items()}
   factors: dict[tuple[str, int, str], dict[str, np.ndarray]] = {}
   foreign = []
   for key in sorted(tensors):
@@ -255,7 +261,7 @@ def _factors(tensors: dict[str, np.ndarray], model_config: CLIPConfig, where: st
   if not factors:
     raise UserError(f"{where} holds no LoRA weights")
   for target, pair in factors.items():
-    name = PREFIX + attention_modules(model_config)[target]
+    name = PREFIX + names[target]
     if set(pair) != set(FACTORS):
       raise UserError(f"{where}: {name} has {sorted(pair)} but not both lora_A and lora_B")
     width = model_config.tower(target[0]).width
@@ -298,31 +304,37 @@ def from_peft(peft_config: dict[str, Any], tensors: dict[str, np.ndarray], base_
   base identified by (`base_name`, `base_config`, `base_fingerprint`); a UserError naming what
   cannot be represented (see the module docstring)."""
   check_peft_config(peft_config, where)
-  get = lambda key: peft_config.get(key, PEFT_DEFAULTS.get(key))
   factors = _factors(tensors, base_config, where)
-  ranks = {PREFIX + attention_modules(base_config)[t]: int(p["A"].shape[0])
-           for t, p in factors.items()}
-  if len(set(ranks.values())) > 1:
-    shown = ", ".join(f"{name}: {r}" for name, r in list(ranks.items())[:4])
-    raise UserError(f"{where} has modules of different ranks ({shown}, ...; rank_pattern); "
+  names = attention_modules(base_config)
+  ranks = {}  # each rank -> the first module that has it
+  for target, pair in factors.items():
+    ranks.setdefault(int(pair["A"].shape[0]), PREFIX + names[target])
+  if len(ranks) > 1:
+    shown = ", ".join(f"{name}: {r}" for r, name in ranks.items())
+    raise UserError(f"{where} has modules of different ranks (rank_pattern; {shown}); "
                     "clip_lora_jax's LoRA has one rank for every module")
-  matrices = {}
-  for tower, layer, matrix in factors:
-    matrices.setdefault(tower, {}).setdefault(layer, set()).add(matrix)
-  matrix_sets = {frozenset(m) for layers in matrices.values() for m in layers.values()}
-  if len(matrix_sets) > 1:
-    described = "; ".join(f"{t} layer {i}: {sorted(m)}" for t, layers in matrices.items()
-                          for i, m in sorted(layers.items()))
+  matrices: dict[str, dict[int, tuple[str, ...]]] = {}  # tower -> layer -> matrices
+  for tower, layer, matrix in sorted(factors, key=lambda t: (lora.TOWERS.index(t[0]), t[1],
+                                                             lora.MATRICES.index(t[2]))):
+    layer_matrices = matrices.setdefault(tower, {})
+    layer_matrices[layer] = layer_matrices.get(layer, ()) + (matrix,)
+  first_use = {}  # each distinct set of matrices -> the first layer adapting it
+  for tower, layer_matrices in matrices.items():
+    for layer, used in layer_matrices.items():
+      first_use.setdefault(used, f"{tower} layer {layer}")
+  if len(first_use) > 1:
+    described = "; ".join(f"{where_used}: {', '.join(used)}" for used, where_used in
+                          first_use.items())
     raise UserError(f"{where} adapts different projections in different layers ({described}); "
                     "clip_lora_jax's LoRA adapts the same matrices in every adapted layer")
-  towers = tuple(t for t in lora.TOWERS if t in matrices)
-  layers = {t: tuple(sorted(matrices[t])) for t in towers}
+  towers = tuple(matrices)
+  layers = {t: tuple(matrices[t]) for t in towers}
   config = lora.LoRAConfig(
-      encoders="both" if len(towers) == 2 else towers[0],
-      matrices=tuple(m for m in lora.MATRICES if m in next(iter(matrix_sets))),
-      layers=_layer_spec(layers, base_config, where), rank=next(iter(ranks.values())),
-      alpha=float(get("lora_alpha")), scaling="sqrt" if get("use_rslora") else "linear",
-      dropout=float(get("lora_dropout")))
+      encoders="both" if len(towers) == 2 else towers[0], matrices=next(iter(first_use)),
+      layers=_layer_spec(layers, base_config, where), rank=next(iter(ranks)),
+      alpha=float(_option(peft_config, "lora_alpha")),
+      scaling="sqrt" if _option(peft_config, "use_rslora") else "linear",
+      dropout=float(_option(peft_config, "lora_dropout")))
   tree: dict = {}
   for (tower, layer, matrix), pair in factors.items():
     tree.setdefault(tower, {}).setdefault(f"layers_{layer}", {}).setdefault("attn", {})[matrix] = {
