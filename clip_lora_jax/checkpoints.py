@@ -17,8 +17,6 @@ import functools
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -244,6 +242,14 @@ def params_from_hf(state: State, cfg: model_lib.CLIPConfig) -> dict:
 def params_to_hf(params: Mapping[str, Any], cfg: model_lib.CLIPConfig) -> dict[str, np.ndarray]:
   """A Hugging Face `CLIPModel` state dict from our parameters (exact inverse of params_from_hf)."""
   return _export(params, _hf_layout(cfg), cfg)
+
+
+def hf_linear_modules(cfg: model_lib.CLIPConfig) -> dict[Path, str]:
+  """The Hugging Face `CLIPModel` module name of every Linear of ours, by our path to its kernel's
+  parent: ('text', 'layers_1', 'attn', 'q') -> 'text_model.encoder.layers.1.self_attn.q_proj', for
+  files that name modules rather than weights (PEFT adapters: `clip_lora_jax.peft`)."""
+  return {e.paths[0][:-1]: e.key.removesuffix(".weight")
+          for e in _hf_layout(cfg) if e.transform == "linear"}
 
 
 def params_from_openclip(state: State, cfg: model_lib.CLIPConfig) -> dict:
@@ -499,20 +505,14 @@ def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any]
   renamed into place at the end, so `directory` is never left half-written; it gets the mode the
   umask gives new directories. `directory` must not exist or be empty.
   """
-  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-    raise UserError(f"save_hf: {directory!r} already exists and is not an empty directory; choose "
-                    "a new path or remove it first.")
+  files.check_new_directory(directory, "save_hf")
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir, cfg.text.context_length)
   if tokenizer.vocab_size != cfg.text.vocab_size:
     raise UserError(f"save_hf: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                     f"vocabulary has {cfg.text.vocab_size}; pass tokenizer_dir= holding the "
                     "model's own tokenizer files.")
   state = params_to_hf(params, cfg)
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.", dir=parent)
-  try:
-    files.chmod_as_new(tmp)  # mkdtemp makes it 0700
+  with files.atomic_directory(directory, "save_hf") as tmp:
     with open(os.path.join(tmp, HF_CONFIG), "w") as f:
       json.dump(config_to_hf(cfg), f, indent=2)
     if template is not None:
@@ -521,13 +521,6 @@ def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any]
     safetensors.numpy.save_file(state, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
     tokenizer.backend.model_max_length = cfg.text.context_length
     tokenizer.backend.save_pretrained(tmp)
-    for name in os.listdir(tmp):  # safetensors writes 0600 files
-      files.chmod_as_new(os.path.join(tmp, name))
-    if os.path.isdir(directory):
-      os.rmdir(directory)
-    os.replace(tmp, directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def recorded_template(directory: str) -> str | None:

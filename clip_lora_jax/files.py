@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -73,6 +74,38 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def check_new_directory(directory: str, what: str) -> None:
+  """Raises a UserError unless `directory` is absent or an empty directory (what
+  `atomic_directory` may write), so that nothing a user has is replaced."""
+  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    raise UserError(f"{what}: {directory!r} already exists and is not an empty directory; choose "
+                    "a new path or remove it first.")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str, what: str) -> Iterator[str]:
+  """Yields a temporary sibling of `directory` to fill; renamed onto `directory` if the block
+  succeeds, removed if it fails, so `directory` is never seen half-written. It and everything in
+  it get the modes the umask gives new files and directories (`mkdtemp` makes 0700, safetensors
+  writes 0600). `directory` must be absent or empty (`check_new_directory`, `what` names the
+  writer in its error)."""
+  check_new_directory(directory, what)
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.", dir=parent)
+  try:
+    yield tmp
+    for root, dirs, names in os.walk(tmp):
+      for name in dirs + names:
+        chmod_as_new(os.path.join(root, name))
+    chmod_as_new(tmp)
+    if os.path.isdir(directory):
+      os.rmdir(directory)
+    os.replace(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str, obj: Any) -> None:
