@@ -24,7 +24,8 @@ from conftest import ENV, ROOT
 from test_checkpoints import assert_parity, our_outputs, random_inputs, torch_outputs
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import block_lora, llu, lora
+from clip_lora_jax import lora
+from clip_lora_jax.methods import block_lora, llu
 from clip_lora_jax import peft as peft_interop
 from clip_lora_jax.errors import UserError
 
