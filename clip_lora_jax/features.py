@@ -23,7 +23,7 @@ from clip_lora_jax import data, model, sharding
 from clip_lora_jax.data import source
 from clip_lora_jax.errors import UserError
 
-_VERSION = 2  # Bump when what is cached changes.
+_VERSION = 3  # Bump when what is cached changes.
 KINDS = ("views", "shots", "val")  # Each with its labels, `<kind>_labels`.
 
 
