@@ -130,13 +130,25 @@ def execute(command: Sequence[str], log: str, env: dict[str, str] | None = None)
 
 
 def parse_config(args: Sequence[str]):
-  """(config, overridden keys) of `--config ...` arguments, parsed as train.py parses them."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
-  values(["sweep", *args])
-  return values.config, list(config_flags.get_override_values(values["config"]))
+  """(config, overridden keys) of `--config FILE[:ARG] --config.KEY=VALUE ...` arguments, as
+  train.py reads them: each value takes the type of the key's (a literal, else a string)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  from clip_lora_jax import cli  # pylint: disable=import-outside-toplevel
+  config = cli.load_config_file(args[args.index("--config") + 1])
+  keys = []
+  for arg in args:
+    if arg.startswith("--config."):
+      key, _, text = arg[len("--config."):].partition("=")
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        value = text
+      try:
+        config.update_from_flattened_dict({key: value})
+      except TypeError:
+        config.update_from_flattened_dict({key: text})
+      keys.append(key)
+  return config, keys
 
 
 def eval_module():
