@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 with cli.quiet_imports(sys.argv):
+  import jax.numpy as jnp
   from clip_lora_jax import base as base_lib
   from clip_lora_jax import checkpoints, data, evaluation, files, lora, methods, training
   # TensorFlow comes with TFDS: its C++ import notice is silenced here, whatever the method.
@@ -56,6 +57,22 @@ def templates_for(spec: data.DatasetSpec, choice: str, template: str,
           "ensemble": tuple(spec.ensemble_templates)}[choice]
 
 
+def adapter_logits_fn(spec: data.DatasetSpec, base: base_lib.BaseModel, adapter,
+                      templates: tuple[str, ...]):
+  """images -> the adapter's scores over the classes of `spec`. A dataset whose classes are
+  classes of the adapter's training dataset (ImageNet-A's 200 of ImageNet's 1000) is scored
+  through those columns of the adapter's scores over that dataset's classes, so that a head
+  trained for those classes (a feature-cache method's) applies; for a text classifier this
+  equals scoring the subset's class names."""
+  subset = spec.subset_of
+  if subset is None or (adapter.few_shot or {}).get("dataset") != subset.dataset:
+    return methods.logits_fn(base, adapter, spec.class_names, templates)
+  scores = methods.logits_fn(base, adapter, data.get_dataset(subset.dataset).class_names,
+                             templates)
+  columns = jnp.asarray(subset.ids)
+  return lambda images: scores(images)[:, columns]
+
+
 def evaluate(config, adapter_path: str | None, split: str, choice: str,
              overrides: Iterable[str] = ()) -> dict:
   """Top-1 / top-5 of the (adapted) base model on `split` of the config's dataset. `overrides`:
@@ -81,7 +98,7 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str,
                                                    spec.class_names, templates)
       logits_fn = evaluation.clip_logits_fn(base.params, base.config, classifier)
     else:
-      logits_fn = methods.logits_fn(base, adapter, spec.class_names, templates)
+      logits_fn = adapter_logits_fn(spec, base, adapter, templates)
     image_size = base.config.vision.image_size
     batches = data.eval_batches(spec, split, batch_size=config.eval_batch_size,
                                 image_size=image_size, data_dir=config.data_dir,

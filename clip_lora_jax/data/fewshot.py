@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from clip_lora_jax.data import preprocessing, sampling, source, splits
+from clip_lora_jax.data import preprocessing, registry, sampling, source, splits
 from clip_lora_jax.data.registry import DatasetSpec
 from clip_lora_jax.data.train_input import FewShotSet
 from clip_lora_jax.errors import UserError
@@ -112,6 +112,15 @@ def load_few_shot(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None
     sampler: `sampling.REFERENCE` or `sampling.NUMPY`; None for `sampling.resolve_sampler`'s
       default (the reference's choice wherever it can be reproduced).
   """
+  subset = spec.subset_of
+  if subset is not None and subset.same_examples:  # The dataset's draw, then its classes (CoCoOp).
+    few = load_few_shot(registry.get_dataset(subset.dataset), shots, seed, data_dir, split_file,
+                        cache_dir, sampler)
+    labels, val_labels = subset.relabel(few.labels), subset.relabel(few.val_labels)
+    return FewShotSet([image for image, label in zip(few.images, labels) if label >= 0],
+                      labels[labels >= 0],
+                      [image for image, label in zip(few.val_images, val_labels) if label >= 0],
+                      val_labels[val_labels >= 0], spec.num_classes)
   sampler = sampling.resolve_sampler(spec, split_file, sampler)
   tfds_builder = source.builder(spec, data_dir)
   if not tfds_builder.is_prepared():  # e.g. tfds.testing.mock_data: nothing worth caching.

@@ -20,8 +20,10 @@ import dataclasses
 import functools
 import importlib.resources
 import json
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from clip_lora_jax.data import builders  # pylint: disable=unused-import  (registers our builders)
@@ -49,6 +51,26 @@ class Carve:
   pool: tuple[str, ...]
   fractions: tuple[float, ...]
   part: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassSubset:
+  """The classes of a dataset as classes of another: class i is class `ids[i]` of `dataset`.
+
+  With `same_examples`, the examples are that dataset's too: its splits and few-shot draws,
+  restricted to these classes and relabelled (base / novel halves). Without, the dataset has its
+  own examples of those classes (ImageNet-A), so that an adapter with a head over the classes of
+  `dataset` scores it through the columns `ids`.
+  """
+  dataset: str
+  ids: tuple[int, ...]
+  same_examples: bool
+
+  def relabel(self, labels: np.ndarray) -> np.ndarray:
+    """Labels of `dataset` -> labels of the subset, -1 for classes outside it."""
+    table = np.full(max(self.ids + (int(np.max(labels, initial=-1)),)) + 1, -1, np.int32)
+    table[list(self.ids)] = np.arange(len(self.ids), dtype=np.int32)
+    return table[np.asarray(labels)]
 
 
 # A benchmark split is either every example of some TFDS splits, or a carved part of them.
@@ -82,6 +104,7 @@ class DatasetSpec:
       when it reads the protocol's split file.
     manual_download: what to put into the TFDS manual directory before preparing, or None when
       TFDS downloads the data itself.
+    subset_of: its classes as classes of another dataset (`ClassSubset`), or None.
   """
   name: str
   tfds_name: str
@@ -98,6 +121,7 @@ class DatasetSpec:
   split_file_name: str | None = None
   reference_order: str | None = None
   manual_download: str | None = None
+  subset_of: ClassSubset | None = None
 
   def __post_init__(self):
     if not self.ensemble_templates:
@@ -294,9 +318,69 @@ _FACTORIES: dict[str, Callable[[], DatasetSpec]] = {
 DATASET_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
+def _imagenet_variant(name: str, tfds_name: str, subset: str | None = None) -> DatasetSpec:
+  """An ImageNet test set of the domain-shift protocol: TFDS labels are ImageNet-1k's; `subset`
+  names the 200 classes of ImageNet-A or -R (sorted WordNet ids: their 200-way label order)."""
+  imagenet = get_dataset("imagenet")
+  ids, label_map = tuple(range(imagenet.num_classes)), None
+  if subset is not None:
+    wnids = _tfds_class_names("imagenet2012")
+    ids = tuple(wnids.index(wnid) for wnid in json.loads(_asset("imagenet_subsets.json"))[subset])
+    label_map = tuple(ClassSubset("imagenet", ids, False).relabel(np.arange(len(wnids))).tolist())
+  return DatasetSpec(
+      name=name, tfds_name=tfds_name, class_names=tuple(imagenet.class_names[i] for i in ids),
+      splits={"test": ("test",)}, label_map=label_map,
+      ensemble_templates=imagenet.ensemble_templates,
+      subset_of=ClassSubset("imagenet", ids, same_examples=False))
+
+
+# The domain-shift test sets of a model trained on ImageNet (test split only).
+_DOMAIN_SHIFT: dict[str, Callable[[], DatasetSpec]] = {
+    "imagenet_v2": lambda: _imagenet_variant("imagenet_v2", "imagenet_v2/matched-frequency"),
+    "imagenet_sketch": lambda: _imagenet_variant("imagenet_sketch", "imagenet_sketch"),
+    "imagenet_a": lambda: _imagenet_variant("imagenet_a", "imagenet_a", "imagenet_a"),
+    "imagenet_r": lambda: _imagenet_variant("imagenet_r", "imagenet_r", "imagenet_r"),
+}
+DOMAIN_SHIFT_NAMES: tuple[str, ...] = tuple(_DOMAIN_SHIFT)
+# The class halves of the base-to-novel protocol: `get_dataset("dtd/base")`.
+CLASS_SPLITS = ("base", "novel")
+
+
+def base_novel_ids(num_classes: int) -> dict[str, tuple[int, ...]]:
+  """The base-to-novel rule (CoCoOp): label ids sorted, base = the first ceil(n / 2), novel =
+  the rest."""
+  cut = math.ceil(num_classes / 2)
+  return {"base": tuple(range(cut)), "novel": tuple(range(cut, num_classes))}
+
+
+def class_subset(spec: DatasetSpec, ids: Sequence[int], name: str) -> DatasetSpec:
+  """`spec` restricted to its classes `ids`, relabelled 0.. in that order, as dataset `name`:
+  its examples are those of `spec` of these classes (splits and few-shot draws: see
+  `ClassSubset`)."""
+  subset = ClassSubset(spec.name, tuple(ids), same_examples=True)
+  tfds_labels = np.asarray(spec.label_map if spec.label_map is not None else
+                           range(spec.num_classes))
+  kept = np.where(tfds_labels >= 0, subset.relabel(np.maximum(tfds_labels, 0)), -1)
+  return dataclasses.replace(spec, name=name, class_names=tuple(spec.class_names[i] for i in ids),
+                             label_map=tuple(kept.tolist()), subset_of=subset)
+
+
+def _class_split(name: str) -> DatasetSpec:
+  dataset, _, part = name.partition("/")
+  if dataset not in _FACTORIES or part not in CLASS_SPLITS:
+    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}, "
+                    f"{', '.join(DOMAIN_SHIFT_NAMES)}, or NAME/base or NAME/novel (the class "
+                    "halves of the base-to-novel protocol)")
+  spec = get_dataset(dataset)
+  return class_subset(spec, base_novel_ids(spec.num_classes)[part], name)
+
+
 @functools.lru_cache(maxsize=None)
 def get_dataset(name: str) -> DatasetSpec:
-  """The spec of benchmark dataset `name` (one of `DATASET_NAMES`)."""
-  if name not in _FACTORIES:
-    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
-  return _FACTORIES[name]()
+  """The spec of dataset `name`: a benchmark (`DATASET_NAMES`), a domain-shift test set
+  (`DOMAIN_SHIFT_NAMES`), or `BENCHMARK/base`, `BENCHMARK/novel` (base-to-novel halves)."""
+  if name in _FACTORIES:
+    return _FACTORIES[name]()
+  if name in _DOMAIN_SHIFT:
+    return _DOMAIN_SHIFT[name]()
+  return _class_split(name)

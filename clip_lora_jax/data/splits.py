@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from clip_lora_jax.data import source
-from clip_lora_jax.data.registry import ROLES, Carve, DatasetSpec
+from clip_lora_jax.data.registry import ROLES, Carve, DatasetSpec, get_dataset
 from clip_lora_jax.errors import UserError
 
 # Seed of the per-class shuffles that carve benchmark splits out of TFDS splits.
@@ -177,7 +177,14 @@ def _from_split_file(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, 
 
 def benchmark_split(spec: DatasetSpec, role: str, data_dir: str | None = None,
                     split_file: str | None = None, cache_dir: str | None = None) -> Examples:
-  """The TFDS examples of benchmark split `role` ("train", "val" or "test") of `spec`."""
+  """The TFDS examples of benchmark split `role` ("train", "val" or "test") of `spec`; a class
+  subset's (base / novel) are its dataset's, restricted and relabelled."""
+  subset = spec.subset_of
+  if subset is not None and subset.same_examples:
+    examples = benchmark_split(get_dataset(subset.dataset), role, data_dir, split_file, cache_dir)
+    label = subset.relabel(examples.label)
+    kept = examples.subset(np.flatnonzero(label >= 0))
+    return dataclasses.replace(kept, label=label[label >= 0])
   tfds_builder = source.builder(spec, data_dir)
   if split_file is not None:
     if role not in ROLES:
