@@ -23,10 +23,11 @@ def separable_task(classes: int = 6, shots: int = 4, views: int = 3, val: int = 
   class, `val` validation samples per class; inputs of `width` dimensions (pooled features,
   INPUT = "features") or, when None, of `embed` (embeddings). The projection is a random
   (width, embed) matrix and the classifier the unit directions of `hint` x each class centre's
-embedding plus standard normal noise."""
+  embedding plus standard normal noise."""
   rng = np.random.default_rng(seed)
   dim = width or embed
   centres = 3.0 * rng.normal(size=(classes, dim))
+
   def samples(labels: np.ndarray) -> np.ndarray:
     return (centres[labels] + 0.3 * rng.normal(size=(len(labels), dim))).astype(np.float32)
 
@@ -34,7 +35,8 @@ embedding plus standard normal noise."""
   view_shots = np.tile(np.arange(len(shot_labels)), views)
   val_labels = np.repeat(np.arange(classes), val)
   projection = (rng.normal(size=(dim, embed)) / np.sqrt(dim)).astype(np.float32)
-  classifier = hint * (centres @ projection if width else centres) + rng.normal(size=(classes, embed))
+  classifier = (hint * (centres @ projection if width else centres)
+                + rng.normal(size=(classes, embed)))
   return feature_cache.Task(
       views=samples(shot_labels[view_shots]), view_labels=shot_labels[view_shots],
       view_shots=view_shots, shots=samples(shot_labels), shot_labels=shot_labels,
