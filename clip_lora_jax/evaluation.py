@@ -56,10 +56,23 @@ def text_classifier(params: model.Params, config: model.CLIPConfig,
   return model.normalize(emb)
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def text_embedding_means(params: model.Params, config: model.CLIPConfig,
+                         ids: jax.Array) -> jax.Array:
+  """(C, K, T) prompt ids -> (C, E) the mean of the K unnormalised prompt embeddings of each
+  class (TaskRes's base classifier: its norm sets the scale of the residual added to it)."""
+  classes, templates, length = ids.shape
+  emb = model.encode_texts(params, ids.reshape(-1, length), config, chunk_size=TEXT_CHUNK)
+  return emb.reshape(classes, templates, -1).mean(axis=1)
+
+
 def zero_shot_classifier(params: model.Params, config: model.CLIPConfig, tokenizer: Tokenizer,
-                         class_names: Sequence[str], templates: Sequence[str]) -> jax.Array:
-  """Class embeddings of `class_names` under `templates` (e.g. ("a photo of a {}.",))."""
-  return text_classifier(params, config, jnp.asarray(prompt_ids(tokenizer, class_names, templates)))
+                         class_names: Sequence[str], templates: Sequence[str],
+                         unit: bool = True) -> jax.Array:
+  """Class embeddings of `class_names` under `templates` (e.g. ("a photo of a {}.",)): unit
+  (`text_classifier`), or with `unit=False` the unnormalised means (`text_embedding_means`)."""
+  ids = jnp.asarray(prompt_ids(tokenizer, class_names, templates))
+  return text_classifier(params, config, ids) if unit else text_embedding_means(params, config, ids)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))

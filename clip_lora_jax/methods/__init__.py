@@ -47,6 +47,9 @@ METHODS: dict[str, Method] = {
     "block_lora": Method("lora", "block_lora"),
     "llu": Method("llu", "llu"),
     "zero_shot": Method("zero_shot", "zero_shot"),
+    "clip_adapter": Method("clip_adapter", "clip_adapter"),
+    "taskres": Method("taskres", "taskres"),
+    "prolip": Method("prolip", "prolip"),
 }
 
 

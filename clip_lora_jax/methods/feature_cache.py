@@ -12,6 +12,9 @@ A method of the family is a module with pure functions over its parameter pytree
   loss(params, x, labels, config) -> (loss, logits)      only methods that train
   select(params, task, config) -> params                 optional: hyper-parameters searched on
                                                           the validation shots after training
+  CLASSIFIER = "unit" | "raw_mean"        optional: `task.classifier` is CLIP's unit template
+                                          ensemble (the default), or the mean of the templates'
+                                          unnormalised text embeddings (TaskRes's base)
 
 The parameters are one pytree; its entry "frozen" (if any) holds arrays that inference needs
 but training leaves alone (the zero-shot classifier, a cache's values, hyper-parameters): the
@@ -81,7 +84,8 @@ class Task:
     view_shots: the shot (row of `shots`) each view is of;
   shots, shot_labels: the clean (test-preprocessed) training shots, (N, D);
   val, val_labels: the validation shots, (M, D), M = 0 when there are none;
-  classifier: (C, E) unit zero-shot class embeddings; projection: (W, E) visual projection.
+  classifier: (C, E) zero-shot class embeddings, unit unless the method's CLASSIFIER is
+    "raw_mean"; projection: (W, E) visual projection.
   D is E (embeddings) or W (pooled features) as the method's INPUT says.
   """
   views: np.ndarray
@@ -254,8 +258,9 @@ def load_task(run: training.Run, params: model.Params, method: ModuleType,
   feats = features.few_shot_features(params, base.config, base.fingerprint, few_shot,
                                      config.views, config.seed, config.eval_batch_size, run.mesh,
                                      config.cache_dir, projected=method.INPUT == "embedding")
-  classifier = evaluation.zero_shot_classifier(params, base.config, base.tokenizer,
-                                               run.spec.class_names, templates)
+  classifier = evaluation.zero_shot_classifier(
+      params, base.config, base.tokenizer, run.spec.class_names, templates,
+      unit=getattr(method, "CLASSIFIER", "unit") == "unit")
   count = len(feats["shots"])
   view_shots = np.concatenate([train_input.epoch_order(count, config.seed, epoch)
                                for epoch in range(config.views)])
