@@ -645,7 +645,8 @@ def _load_hf_dir(directory: str) -> tuple[model_lib.CLIPConfig, dict]:
   """(config, params) of a Hugging Face checkpoint directory."""
   config_path = os.path.join(directory, HF_CONFIG)
   if not os.path.isfile(config_path):
-    raise UserError(f"{directory!r} has no {HF_CONFIG}: not a Hugging Face checkpoint directory.")
+    raise UserError(f"{directory!r} has no {HF_CONFIG} (nor {OPENCLIP_CONFIG}): not a Hugging Face "
+                    "(nor an OpenCLIP) checkpoint directory.")
   try:
     with open(config_path) as f:
       cfg = config_from_hf(json.load(f))
@@ -680,13 +681,16 @@ def _load_openclip_dir(directory: str, activation: str | None) -> tuple[model_li
   """(config, params) of an OpenCLIP directory (`open_clip_config.json` and
   `open_clip_model.safetensors`, as open_clip's hub repositories hold them)."""
   weights = os.path.join(directory, OPENCLIP_WEIGHTS)
+  if not os.path.isfile(os.path.join(directory, OPENCLIP_CONFIG)):
+    raise UserError(f"{directory!r} has no {OPENCLIP_CONFIG}: not an OpenCLIP checkpoint.")
   if not os.path.isfile(weights):
     pickled = os.path.isfile(os.path.join(directory, OPENCLIP_PICKLE))
     raise UserError(
         f"{directory!r} has no {OPENCLIP_WEIGHTS}"
-        + (f", only the pickled {OPENCLIP_PICKLE}, which is never read" if pickled else "")
-        + "; only safetensors weights are read. Convert the pickle on a trusted machine "
-        "(safetensors.torch.save_file(torch.load(path), 'open_clip_model.safetensors')).")
+        + (f", only the pickled {OPENCLIP_PICKLE}" if pickled else "")
+        + f"; weights are read from safetensors only, never from pickles such as {OPENCLIP_PICKLE} "
+        "(they can run code). Convert one on a machine you trust: "
+        f"safetensors.torch.save_file(torch.load(path), '{OPENCLIP_WEIGHTS}').")
   return _load_openclip_file(weights, activation)
 
 

@@ -574,7 +574,10 @@ def test_openclip_config_is_checked_first_and_against_the_weights(tiny_openclip,
   shutil.copy(os.path.join(directory, checkpoints.OPENCLIP_CONFIG), tmp_path / "pickle")
   (tmp_path / "pickle" / checkpoints.OPENCLIP_PICKLE).write_bytes(b"\x80\x02")
   with pytest.raises(UserError, match=r"has no open_clip_model\.safetensors, only the pickled "
-                                      r"open_clip_pytorch_model\.bin, which is never read"):
+                                      r"open_clip_pytorch_model\.bin; .* never from pickles"):
+    checkpoints.load_pretrained(str(tmp_path / "pickle"))
+  os.remove(tmp_path / "pickle" / checkpoints.OPENCLIP_CONFIG)
+  with pytest.raises(UserError, match="has no config.json"):  # neither layout
     checkpoints.load_pretrained(str(tmp_path / "pickle"))
 
 
