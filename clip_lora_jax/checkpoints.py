@@ -44,6 +44,13 @@ HUB_IDS = {
 # What `snapshot_download` fetches of a hub checkpoint: config, weights, tokenizer files.
 HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
+# OpenCLIP hub checkpoints ('hf-hub:owner/name', open_clip's naming): config and safetensors
+# weights; their pickled twin (OPENCLIP_PICKLE) is never read.
+OPENCLIP_HUB_PREFIX = "hf-hub:"
+OPENCLIP_CONFIG = "open_clip_config.json"
+OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
+OPENCLIP_PICKLE = "open_clip_pytorch_model.bin"
+OPENCLIP_HUB_FILES = [OPENCLIP_CONFIG, OPENCLIP_WEIGHTS]
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -354,11 +361,14 @@ def config_to_hf(cfg: model_lib.CLIPConfig) -> dict[str, Any]:
 
 
 def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_lib.CLIPConfig:
-  """Infers the architecture of an OpenAI CLIP / OpenCLIP state dict from its shapes, as OpenAI's
-  `build_model` does (64-wide attention heads).
+  """Infers the architecture of an OpenAI CLIP / OpenCLIP state dict from its shapes alone, as
+  OpenAI's `build_model` does: every attention head is assumed 64 wide.
 
-  The activation cannot be read from weights: OpenAI's models use quick_gelu, most LAION OpenCLIP
-  models plain gelu (their open_clip_config.json says `"quick_gelu": false`).
+  That holds for OpenAI's models, not for all of OpenCLIP's: LAION's ViT-H/14, ViT-g/14,
+  ViT-bigG/14 and ViT-e/14 have 80, 88, 104 and 112-wide vision heads, which no shape shows.
+  Their vision widths are refused here; load them with their `open_clip_config.json`
+  (`config_from_openclip_json`). The activation cannot be read from weights either: OpenAI's
+  models use quick_gelu, most LAION models plain gelu.
   """
   def shape(key: str) -> tuple[int, ...]:
     if key not in state:
@@ -370,6 +380,16 @@ def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_
     return len({k[len(prefix):].split(".")[0] for k in state
                 if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
 
+  def heads(tower: str, width: int) -> int:
+    known = _NOT_64_WIDE.get(width) if tower == "vision" else None
+    if width % 64 or known:
+      reason = (f"it is the width of OpenCLIP's {known}-wide heads" if known
+                else "not a multiple of 64")
+      raise UserError(f"the OpenCLIP state dict's {tower} width is {width} ({reason}): its number "
+                      f"of attention heads cannot be inferred from shapes. Put the model's "
+                      f"{OPENCLIP_CONFIG} next to the weights file.")
+    return width // 64
+
   vision_prefix, text_prefix = "visual.transformer.resblocks.", "transformer.resblocks."
   vision_width, _, patch_size, _ = shape("visual.conv1.weight")
   grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
@@ -378,13 +398,181 @@ def config_from_openclip(state: State, activation: str = "quick_gelu") -> model_
   return _checked(model_lib.CLIPConfig(
       embed_dim=shape("text_projection")[1],
       vision=model_lib.VisionConfig(width=vision_width, layers=layers(vision_prefix),
-                                    heads=vision_width // 64, mlp_dim=mlp_dim(vision_prefix),
+                                    heads=heads("vision", vision_width),
+                                    mlp_dim=mlp_dim(vision_prefix),
                                     image_size=grid * patch_size, patch_size=patch_size),
       text=model_lib.TextConfig(width=text_width, layers=layers(text_prefix),
-                                heads=text_width // 64, mlp_dim=mlp_dim(text_prefix),
+                                heads=heads("text", text_width), mlp_dim=mlp_dim(text_prefix),
                                 vocab_size=shape("token_embedding.weight")[0],
                                 context_length=shape("positional_embedding")[0]),
       activation=_activation(activation, "config_from_openclip")), "the OpenCLIP state dict")
+
+
+# Vision widths of OpenCLIP ViTs whose heads are not 64 wide (ViT-H/14 and ViT-H/16, ViT-g/14,
+# ViT-bigG/14, ViT-e/14) -> their head width; all are multiples of 64, so shapes alone mislead.
+_NOT_64_WIDE = {1280: 80, 1408: 88, 1664: 104, 1792: 112}
+
+# open_clip's model config (`open_clip_config.json`: `model_cfg`, `preprocess_cfg`), as of
+# open_clip 3.3 (model.py: CLIP, CLIPVisionCfg, CLIPTextCfg; transform.py: PreprocessCfg).
+# _READ: the keys the architecture is made of, with open_clip's defaults.
+_READ: dict[str, dict[str, Any]] = {
+    "model_cfg": {"embed_dim": None, "quick_gelu": False, "vision_cfg": {}, "text_cfg": {}},
+    "vision_cfg": {"width": 768, "layers": 12, "head_width": 64, "mlp_ratio": 4.0,
+                   "patch_size": 16, "image_size": 224},
+    "text_cfg": {"width": 512, "heads": 8, "layers": 12, "mlp_ratio": 4.0, "context_length": 77,
+                 "vocab_size": 49408},
+    "preprocess_cfg": {"mean": model_lib.CLIP_MEAN, "std": model_lib.CLIP_STD},
+}
+_OFF, _EMPTY = (None, False), (None, {})
+# Residual-block features of either tower: key -> (what it is, the values that leave it off).
+_BLOCK_FEATURES = {
+    "ls_init_value": ("layer scale", (None,)),
+    "act_kwargs": ("activation arguments", _EMPTY),
+    "norm_kwargs": ("LayerNorm arguments", _EMPTY),
+    "block_type": ("custom residual blocks", (None, "default")),
+    "qk_norm": ("q/k LayerNorm", _OFF),
+    "scaled_cosine_attn": ("scaled cosine attention", _OFF),
+    "scale_heads": ("per-head attention scales", _OFF),
+    "scale_attn_inner": ("LayerNorm inside attention", _OFF),
+    "scale_attn": ("LayerNorm after attention", _OFF),
+    "scale_fc": ("LayerNorm inside the MLP", _OFF),
+}
+# _UNSUPPORTED: features clip_lora_jax does not implement, refused unless they are off.
+_UNSUPPORTED: dict[str, dict[str, tuple[str, tuple[Any, ...]]]] = {
+    "model_cfg": {
+        "custom_text": ("a custom text tower (CustomTextCLIP)", _OFF),
+        "multimodal_cfg": ("a multimodal text decoder (CoCa)", (None,)),
+        "init_logit_bias": ("a logit bias (SigLIP's sigmoid loss)", (None,)),
+        "nonscalar_logit_scale": ("a non-scalar logit scale", _OFF),
+    },
+    "vision_cfg": {
+        **_BLOCK_FEATURES,
+        "attentional_pool": ("attentional pooling", _OFF),
+        "no_ln_pre": ("a vision tower without ln_pre", _OFF),
+        "pos_embed_type": ("fixed position embeddings", ("learnable",)),
+        "pool_type": ("pooling other than at the class token ('tok')", ("tok",)),
+        "timm_model_name": ("a timm image tower", (None,)),
+        "global_average_pool": ("average pooling", _OFF),
+        "input_patchnorm": ("patch LayerNorm", _OFF),
+    },
+    "text_cfg": {
+        **_BLOCK_FEATURES,
+        "hf_model_name": ("a Hugging Face text tower", (None,)),
+        "hf_tokenizer_name": ("a tokenizer other than CLIP's", (None,)),
+        "tokenizer_mode": ("a tokenizer other than CLIP's", (None,)),
+        "tokenizer_kwargs": ("tokenizer arguments", _EMPTY),
+        "embed_cls": ("a text class token (CoCa)", _OFF),
+        "no_causal_mask": ("bidirectional text attention", _OFF),
+        "pool_type": ("pooling other than at the end token ('argmax')", ("argmax",)),
+        "proj_type": ("a text projection other than a matrix", ("linear",)),
+        "proj_bias": ("a text projection bias", _OFF),
+    },
+    "preprocess_cfg": {
+        "mode": ("images other than RGB", ("RGB",)),
+        "interpolation": ("resizing other than bicubic", ("bicubic",)),
+        "resize_mode": ("resizing other than shortest side then centre crop", ("shortest",)),
+    },
+}
+# _INERT: keys that change nothing the weights compute at inference: training-only settings,
+# output formats, settings of refused features, the input size (open_clip takes the model's),
+# and `final_ln_after_pool` (LayerNorm acts on each token alone: normalising the pooled token is
+# pooling the normalised tokens; open_clip's CLIP.encode_text ignores it).
+_INERT: dict[str, frozenset[str]] = {
+    "model_cfg": frozenset({"init_logit_scale", "cast_dtype", "output_dict"}),
+    "vision_cfg": frozenset({"patch_dropout", "output_tokens", "final_ln_after_pool",
+                             "attn_pooler_queries", "attn_pooler_heads", "n_queries",
+                             "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
+                             "timm_drop", "timm_drop_path"}),
+    "text_cfg": frozenset({"output_tokens", "final_ln_after_pool", "pad_id", "eos_id",
+                           "hf_model_pretrained", "hf_proj_type", "hf_pooler_type", "proj",
+                           "pooler_type"}),
+    "preprocess_cfg": frozenset({"size", "fill_color"}),
+}
+
+
+def _openclip_section(value: Any, name: str, where: str) -> dict[str, Any]:
+  """The keys of section `name` that make the architecture (open_clip's defaults filled in), once
+  every other key is known and every unsupported feature in it is off."""
+  if not isinstance(value, Mapping):
+    raise UserError(f"{where}: {name} must be a JSON object, found {value!r}.")
+  for key, setting in value.items():
+    if key in _UNSUPPORTED[name]:
+      what, off = _UNSUPPORTED[name][key]
+      if not any(setting == o and type(setting) is type(o) for o in off):
+        raise UserError(f"{where}: {name}.{key}={setting!r} asks for {what}, which clip_lora_jax "
+                        "does not implement; only CLIP ViTs of OpenAI's design load.")
+    elif key not in _READ[name] and key not in _INERT[name]:
+      raise UserError(f"{where}: unknown key {name}.{key} (clip_lora_jax reads open_clip 3.3's "
+                      "model configs and refuses what it cannot check).")
+  return {**_READ[name], **{k: v for k, v in value.items() if k in _READ[name]}}
+
+
+def config_from_openclip_json(config: Mapping[str, Any], where: str = OPENCLIP_CONFIG
+                              ) -> model_lib.CLIPConfig:
+  """Our config from an OpenCLIP model config (`open_clip_config.json`: `model_cfg` and
+  `preprocess_cfg`), as open_clip builds it: vision heads = width / head_width, text heads =
+  `heads`, MLP widths int(width * mlp_ratio), gelu unless `quick_gelu`; missing keys take
+  open_clip's defaults.
+
+  Every feature clip_lora_jax does not implement (layer scale, attentional or average pooling,
+  custom text towers, timm or ResNet image towers, a normalisation other than CLIP's mean and
+  std, ...) is refused by name, as are unknown keys: nothing loads into a model that would
+  compute something else. `where` names the file in messages.
+  """
+  if not isinstance(config, Mapping) or "model_cfg" not in config:
+    raise UserError(f"{where}: not an OpenCLIP model config (no model_cfg).")
+  if unknown := sorted(set(config) - {"model_cfg", "preprocess_cfg"}):
+    raise UserError(f"{where}: unknown keys {unknown} (expected model_cfg and preprocess_cfg).")
+  model_cfg = _openclip_section(config["model_cfg"], "model_cfg", where)
+  vision = _openclip_section(model_cfg["vision_cfg"], "vision_cfg", where)
+  text = _openclip_section(model_cfg["text_cfg"], "text_cfg", where)
+  preprocess = _openclip_section(config.get("preprocess_cfg", {}), "preprocess_cfg", where)
+  if isinstance(vision["layers"], (list, tuple)):
+    raise UserError(f"{where}: vision_cfg.layers={vision['layers']} asks for a ResNet image "
+                    "tower, which clip_lora_jax does not implement; only CLIP ViTs load.")
+  for key, ours in (("mean", model_lib.CLIP_MEAN), ("std", model_lib.CLIP_STD)):
+    value = preprocess[key]
+    if not (isinstance(value, Sequence) and len(value) == 3
+            and all(isinstance(v, (int, float)) for v in value)
+            and np.allclose(value, ours, rtol=0, atol=1e-6)):
+      raise UserError(f"{where}: preprocess_cfg.{key}={value!r} is not CLIP's {list(ours)}; "
+                      "clip_lora_jax normalises images with CLIP's mean and std only.")
+  if not isinstance(model_cfg["quick_gelu"], bool):
+    raise UserError(f"{where}: model_cfg.quick_gelu={model_cfg['quick_gelu']!r} must be true or "
+                    "false.")
+  for name, section, key in (("vision_cfg", vision, "width"), ("vision_cfg", vision, "head_width"),
+                             ("vision_cfg", vision, "mlp_ratio"), ("text_cfg", text, "width"),
+                             ("text_cfg", text, "mlp_ratio")):
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+        key != "mlp_ratio" and not isinstance(value, int)):
+      raise UserError(f"{where}: {name}.{key}={value!r} must be a positive number"
+                      f"{'' if key == 'mlp_ratio' else ' (an integer)'}.")
+  if vision["width"] % vision["head_width"]:
+    raise UserError(f"{where}: vision_cfg.width={vision['width']} is not a multiple of "
+                    f"vision_cfg.head_width={vision['head_width']}.")
+  return _checked(model_lib.CLIPConfig(
+      embed_dim=model_cfg["embed_dim"],
+      vision=model_lib.VisionConfig(
+          width=vision["width"], layers=vision["layers"],
+          heads=vision["width"] // vision["head_width"],
+          mlp_dim=int(vision["width"] * vision["mlp_ratio"]),
+          image_size=_openclip_square(vision["image_size"], "image_size", where),
+          patch_size=_openclip_square(vision["patch_size"], "patch_size", where)),
+      text=model_lib.TextConfig(width=text["width"], layers=text["layers"], heads=text["heads"],
+                                mlp_dim=int(text["width"] * text["mlp_ratio"]),
+                                vocab_size=text["vocab_size"],
+                                context_length=text["context_length"]),
+      activation="quick_gelu" if model_cfg["quick_gelu"] else "gelu"), where)
+
+
+def _openclip_square(value: Any, key: str, where: str) -> Any:
+  """An image or patch size of open_clip (an int, or [h, w] with h = w)."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise UserError(f"{where}: vision_cfg.{key}={value!r}; only square sizes are supported.")
+    return value[0]
+  return value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,45 +591,68 @@ def load_pretrained(name_or_path: str, *, openclip_activation: str | None = None
         listed in `model.safetensors.index.json`);
       * a Hugging Face hub id such as 'openai/clip-vit-base-patch16' (downloaded into the hub
         cache, or read from it when HF_HUB_OFFLINE=1);
-      * a single OpenAI / OpenCLIP `.safetensors` file (architecture inferred from the shapes).
-    openclip_activation: for an OpenCLIP file only, 'quick_gelu' or 'gelu'. None: the
-      `model_cfg.quick_gelu` of an `open_clip_config.json` next to the file, else quick_gelu
-      (OpenAI's weights).
+      * an OpenCLIP hub id such as 'hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K', as open_clip
+        names them: its `open_clip_config.json` and `open_clip_model.safetensors`, fetched like a
+        hub id; or a local directory holding these two files (and no `config.json`);
+      * a single OpenAI / OpenCLIP `.safetensors` file. With an `open_clip_config.json` next to
+        it, the architecture is that config's (`config_from_openclip_json`: head widths, MLP
+        widths, activation; features we do not implement are refused) and the weights' shapes
+        must fit it; without one, it is inferred from the shapes with OpenAI's 64-wide heads
+        (`config_from_openclip`), which suits OpenAI's models only.
+      Pickled weights (`.bin`, `.pt`) are never read.
+    openclip_activation: for an OpenCLIP file without `open_clip_config.json` only, 'quick_gelu'
+      (the default: OpenAI's weights) or 'gelu' (most LAION models). With a config, it may only
+      repeat the config's `quick_gelu`.
   """
   if name_or_path in model_lib.ARCHITECTURES and name_or_path not in HUB_IDS:
     raise UserError(f"architecture {name_or_path!r} has no pretrained weights (it is a test "
                     "architecture): use clip_lora_jax.model.init_params for random weights.")
   source = HUB_IDS.get(name_or_path, name_or_path)
+  if source.startswith(OPENCLIP_HUB_PREFIX):
+    repo_id = source[len(OPENCLIP_HUB_PREFIX):]
+    if not _HUB_ID.match(repo_id):
+      raise UserError(f"{source!r}: expected {OPENCLIP_HUB_PREFIX}owner/name, e.g. "
+                      f"{OPENCLIP_HUB_PREFIX}laion/CLIP-ViT-H-14-laion2B-s32B-b79K.")
+    return _load_openclip_dir(_download(repo_id, OPENCLIP_HUB_FILES, source),
+                              openclip_activation)
   if os.path.isdir(source):
+    if not os.path.isfile(os.path.join(source, HF_CONFIG)) and os.path.isfile(
+        os.path.join(source, OPENCLIP_CONFIG)):
+      return _load_openclip_dir(source, openclip_activation)
     return _load_hf_dir(source)
   if os.path.isfile(source):
     return _load_openclip_file(source, openclip_activation)
   if _HUB_ID.match(source) and not source.startswith("."):
-    return _load_hf_dir(_download(source))
+    return _load_hf_dir(_download(source, HUB_FILES))
   known = ", ".join(HUB_IDS)
   raise UserError(f"checkpoint {name_or_path!r} not found: it is neither an existing directory or "
-                  f"file, nor a hub id (owner/name), nor a named architecture ({known}).")
+                  f"file, nor a hub id (owner/name, or {OPENCLIP_HUB_PREFIX}owner/name for "
+                  f"OpenCLIP), nor a named architecture ({known}).")
 
 
-def _download(repo_id: str) -> str:
-  """The local snapshot of hub checkpoint `repo_id` (config, weights and tokenizer files only)."""
+def _download(repo_id: str, patterns: list[str], name: str | None = None) -> str:
+  """The local snapshot of hub repository `repo_id`, limited to the files `patterns` match.
+  `name`: what the user asked for, when not the bare id."""
   try:
-    return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    return huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
   except (OSError, ValueError) as e:  # offline, no network, unknown or gated repo, bad id
+    asked = (f"{name!r}" if name else
+             f"{repo_id!r} is neither a local path nor a named architecture "
+             f"({', '.join(HUB_IDS)}), and as a Hugging Face hub id it")
+    includes = " ".join(f'--include "{p}"' for p in patterns)
     raise UserError(
-        f"{repo_id!r} is neither a local path nor a named architecture ({', '.join(HUB_IDS)}), "
-        f"and as a Hugging Face hub id it could not be fetched ({type(e).__name__}: {e}). Without "
-        f"network access, download it on a machine that has one (`hf download {repo_id} --include "
-        '"*.json" --include "*.txt" --include "model*.safetensors" --local-dir DIR`) and pass '
-        "DIR, or point HF_HOME at a hub cache that holds it (HF_HUB_OFFLINE=1 skips the "
-        "network).") from e
+        f"{asked} could not be fetched ({type(e).__name__}: {e}). Without network access, "
+        f"download it on a machine that has one (`hf download {repo_id} {includes} --local-dir "
+        "DIR`) and pass DIR, or point HF_HOME at a hub cache that holds it (HF_HUB_OFFLINE=1 "
+        "skips the network).") from e
 
 
 def _load_hf_dir(directory: str) -> tuple[model_lib.CLIPConfig, dict]:
   """(config, params) of a Hugging Face checkpoint directory."""
   config_path = os.path.join(directory, HF_CONFIG)
   if not os.path.isfile(config_path):
-    raise UserError(f"{directory!r} has no {HF_CONFIG}: not a Hugging Face checkpoint directory.")
+    raise UserError(f"{directory!r} has no {HF_CONFIG} (nor {OPENCLIP_CONFIG}): not a Hugging Face "
+                    "(nor an OpenCLIP) checkpoint directory.")
   try:
     with open(config_path) as f:
       cfg = config_from_hf(json.load(f))
@@ -472,25 +683,48 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     raise UserError(f"could not read safetensors file {path!r}: {e}") from e
 
 
+def _load_openclip_dir(directory: str, activation: str | None) -> tuple[model_lib.CLIPConfig, dict]:
+  """(config, params) of an OpenCLIP directory (`open_clip_config.json` and
+  `open_clip_model.safetensors`, as open_clip's hub repositories hold them)."""
+  weights = os.path.join(directory, OPENCLIP_WEIGHTS)
+  if not os.path.isfile(os.path.join(directory, OPENCLIP_CONFIG)):
+    raise UserError(f"{directory!r} has no {OPENCLIP_CONFIG}: not an OpenCLIP checkpoint.")
+  if not os.path.isfile(weights):
+    pickled = os.path.isfile(os.path.join(directory, OPENCLIP_PICKLE))
+    raise UserError(
+        f"{directory!r} has no {OPENCLIP_WEIGHTS}"
+        + (f", only the pickled {OPENCLIP_PICKLE}" if pickled else "")
+        + f"; weights are read from safetensors only, never from pickles such as {OPENCLIP_PICKLE} "
+        "(they can run code). Convert one on a machine you trust: "
+        f"safetensors.torch.save_file(torch.load(path), '{OPENCLIP_WEIGHTS}').")
+  return _load_openclip_file(weights, activation)
+
+
 def _load_openclip_file(path: str, activation: str | None) -> tuple[model_lib.CLIPConfig, dict]:
-  """(config, params) of a single OpenAI / OpenCLIP `.safetensors` file."""
+  """(config, params) of a single OpenAI / OpenCLIP `.safetensors` file, with the architecture of
+  the `open_clip_config.json` next to it if there is one."""
   if not path.endswith(".safetensors"):
     raise UserError(f"{path!r}: only .safetensors checkpoint files are read (no pickled torch "
                     "files); convert it with safetensors.torch.save_file, or pass a Hugging Face "
                     "checkpoint directory.")
+  config_path = os.path.join(os.path.dirname(path), OPENCLIP_CONFIG)
+  if not os.path.isfile(config_path):
+    state = _read_safetensors(path)
+    cfg = config_from_openclip(state, activation or "quick_gelu")
+    return cfg, params_from_openclip(state, cfg)
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      cfg = config_from_openclip_json(json.load(f), config_path)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{config_path!r} is not valid JSON: {e}") from e
+  if activation is not None and _activation(activation, "openclip_activation") != cfg.activation:
+    raise UserError(f"openclip_activation={activation!r} contradicts {config_path!r}, whose "
+                    f"model is built with {cfg.activation}; leave openclip_activation unset.")
   state = _read_safetensors(path)
-  cfg = config_from_openclip(state, activation or _openclip_activation(os.path.dirname(path)))
-  return cfg, params_from_openclip(state, cfg)
-
-
-def _openclip_activation(directory: str) -> str:
-  """quick_gelu or gelu from an `open_clip_config.json` in `directory`; quick_gelu without one."""
-  path = os.path.join(directory, "open_clip_config.json")
-  if not os.path.isfile(path):
-    return "quick_gelu"
-  with open(path) as f:
-    quick = json.load(f).get("model_cfg", {}).get("quick_gelu", False)
-  return "quick_gelu" if quick else "gelu"
+  try:
+    return cfg, params_from_openclip(state, cfg)
+  except UserError as e:
+    raise UserError(f"{path!r} does not fit the architecture of {config_path!r}: {e}") from e
 
 
 def save_hf(directory: str, cfg: model_lib.CLIPConfig, params: Mapping[str, Any],

@@ -1,18 +1,25 @@
-"""Checkpoint tests: numerical parity with transformers' PyTorch CLIPModel, layouts, round trips,
-save_hf, and errors.
+"""Checkpoint tests: numerical parity with transformers' PyTorch CLIPModel and with open_clip's
+CLIP (OpenCLIP checkpoints with their open_clip_config.json), layouts, round trips, save_hf, and
+errors.
 
 Tolerance asserted in fp32 (CPU): max abs difference <= 1e-5 on image embeddings, text embeddings
 and logits, against values of magnitude 1-5. Measured: <= 2.4e-6 for the small models, <= 4.6e-6
-for the full ViT-B/16 shape.
+for the full ViT-B/16 shape, <= 3.1e-6 against open_clip (where 64-wide heads, OpenAI's shape
+rule, would be off by up to 2.8).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import os
 import re
+import shutil
 import stat
+import sys
+import types
 
 import huggingface_hub
 import jax
@@ -157,10 +164,9 @@ def test_openclip_file_matches_torch(tmp_path, activation):
   state = openclip_state(hf_model.state_dict(), text_layers=2, vision_layers=2)
   file = tmp_path / "clip.safetensors"
   safetensors.numpy.save_file({k: v.numpy() for k, v in state.items()}, file)
-  (tmp_path / "open_clip_config.json").write_text(
-      json.dumps({"model_cfg": {"quick_gelu": activation == "quick_gelu"}}))
 
-  cfg, params = checkpoints.load_pretrained(str(file))
+  # No open_clip_config.json: the architecture is inferred from the shapes, the activation given.
+  cfg, params = checkpoints.load_pretrained(str(file), openclip_activation=activation)
   hf_cfg = checkpoints.config_from_hf(hf_model.config.to_dict())
   assert cfg == hf_cfg and cfg.activation == activation
   assert_trees_equal(params, checkpoints.params_from_hf(hf_state(hf_model), hf_cfg))
@@ -368,3 +374,236 @@ def test_unknown_architecture_name_raises(offline_hub):
     checkpoints.load_pretrained("no-such-model")
   with pytest.raises(UserError, match="'tiny' has no pretrained weights"):
     checkpoints.load_pretrained("tiny")
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenCLIP checkpoints with their open_clip_config.json, against open_clip itself.
+
+# A tiny OpenCLIP model whose heads are not 64 wide in either tower: vision 128 wide in 32-wide
+# heads, text 64 wide in 8-wide heads (OpenAI's shape rule would give 2 and 1 heads, a valid but
+# wrong model); a fractional mlp_ratio (open_clip: int(128 * 4.9231) = 630); and
+# final_ln_after_pool in both towers, which is accepted as exact.
+TINY_OPENCLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"width": 128, "head_width": 32, "layers": 2, "mlp_ratio": 4.9231,
+                   "patch_size": 8, "image_size": 32, "final_ln_after_pool": True},
+    "text_cfg": {"width": 64, "heads": 8, "layers": 2, "final_ln_after_pool": True},
+}
+
+
+@pytest.fixture(scope="module")
+def open_clip_model():
+  """open_clip's model.py (CLIP and its towers), loaded without the package `__init__`, which
+  imports torchvision's transforms. model.py's one torchvision import, FrozenBatchNorm2d (ResNet
+  towers only), gets a placeholder where torchvision is unusable (conftest hides it then)."""
+  package = types.ModuleType("open_clip_reference")
+  package.__path__ = list(importlib.util.find_spec("open_clip").submodule_search_locations)
+  sys.modules[package.__name__] = package
+  names = ("torchvision", "torchvision.ops", "torchvision.ops.misc")
+  saved = {name: sys.modules.get(name, KeyError) for name in names}
+  if importlib.util.find_spec("torchvision") is None:
+    stubs = {name: types.ModuleType(name) for name in names}
+    stubs["torchvision.ops.misc"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (), {})
+    sys.modules.update(stubs)
+  try:
+    return importlib.import_module("open_clip_reference.model")
+  finally:
+    for name, module in saved.items():
+      if module is KeyError:
+        sys.modules.pop(name, None)
+      else:
+        sys.modules[name] = module
+
+
+def random_open_clip(open_clip_model, model_cfg: dict, seed: int):
+  """An open_clip `CLIP` for `model_cfg` in eval mode, every parameter perturbed by N(0, 0.02)
+  noise (as random_hf_clip does)."""
+  torch.manual_seed(seed)
+  clip = open_clip_model.CLIP(**model_cfg).eval()
+  with torch.no_grad():
+    for p in clip.parameters():
+      p.add_(torch.randn_like(p), alpha=0.02)
+  return clip
+
+
+def save_openclip(directory, clip, model_cfg: dict) -> str:
+  """`open_clip_config.json` and `open_clip_model.safetensors` in `directory`, as open_clip's
+  hub repositories hold them; returns the directory."""
+  os.makedirs(directory, exist_ok=True)
+  state = {k: v.detach().numpy() for k, v in clip.state_dict().items()}
+  safetensors.numpy.save_file(state, os.path.join(directory, checkpoints.OPENCLIP_WEIGHTS))
+  with open(os.path.join(directory, checkpoints.OPENCLIP_CONFIG), "w") as f:
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": {
+        "mean": list(model.CLIP_MEAN), "std": list(model.CLIP_STD)}}, f)
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_openclip(open_clip_model, tmp_path_factory):
+  """(checkpoint directory, open_clip model) of TINY_OPENCLIP_CFG with gelu, as LAION's models
+  (quick_gelu: see test_inert_and_default_openclip_keys_are_accepted)."""
+  model_cfg = {**TINY_OPENCLIP_CFG, "quick_gelu": False}
+  clip = random_open_clip(open_clip_model, model_cfg, seed=4)
+  return save_openclip(tmp_path_factory.mktemp("tiny_openclip"), clip, model_cfg), clip
+
+
+def test_openclip_checkpoint_with_config_matches_open_clip(tiny_openclip):
+  directory, clip = tiny_openclip
+  cfg, params = checkpoints.load_pretrained(directory)
+  assert (cfg.vision.heads, cfg.text.heads, cfg.vision.mlp_dim, cfg.activation) == (
+      4, 8, 630, "gelu")
+  file_cfg, _ = checkpoints.load_pretrained(os.path.join(directory, checkpoints.OPENCLIP_WEIGHTS))
+  assert file_cfg == cfg
+  images, ids = random_inputs(32)
+  pixels, tokens = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ids)
+  with torch.inference_mode():
+    theirs = (clip.encode_image(pixels).numpy(), clip.encode_text(tokens).numpy(),
+              clip.get_logits(pixels, tokens)[0].numpy())
+  assert_parity(our_outputs(params, cfg, images, ids), theirs)
+
+
+@pytest.mark.parametrize("name,heads", [("ViT-H-14", (16, 16)), ("ViT-g-14", (16, 16)),
+                                        ("ViT-bigG-14", (16, 20)), ("ViT-e-14", (16, 20))])
+def test_laion_configs_give_open_clips_heads(open_clip_model, name, heads):
+  """open_clip's own configs of LAION's large ViTs (shipped in its package, nothing downloaded):
+  our heads and MLP widths are those of the model open_clip builds (on the meta device); the
+  shapes alone, without the config, are refused."""
+  path = os.path.join(os.path.dirname(open_clip_model.__file__), "model_configs", f"{name}.json")
+  with open(path) as f:
+    model_cfg = json.load(f)
+  cfg = checkpoints.config_from_openclip_json({"model_cfg": model_cfg})
+  with torch.device("meta"):
+    clip = open_clip_model.CLIP(**model_cfg)
+  for ours, tower in ((cfg.vision, clip.visual.transformer), (cfg.text, clip.transformer)):
+    block = tower.resblocks[0]
+    assert (ours.layers, ours.width, ours.heads, ours.mlp_dim) == (
+        len(tower.resblocks), tower.width, block.attn.num_heads, block.mlp.c_fc.out_features)
+  assert (cfg.vision.heads, cfg.text.heads) == heads
+  assert cfg.vision.width // cfg.vision.heads in (80, 88, 104, 112)
+  assert cfg.activation == "gelu" and cfg.embed_dim == clip.text_projection.shape[1]
+  shapes = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in clip.state_dict().items()}
+  with pytest.raises(UserError, match=rf"vision width is {cfg.vision.width} \(it is the width of "
+                                      r"OpenCLIP's \d+-wide heads\).*open_clip_config\.json"):
+    checkpoints.config_from_openclip(shapes)
+
+
+def openclip_config(section: str, key: str, value) -> dict:
+  """TINY_OPENCLIP_CFG's open_clip_config.json with `section.key` set to `value`."""
+  config = {"model_cfg": json.loads(json.dumps(TINY_OPENCLIP_CFG)), "preprocess_cfg": {}}
+  target = (config if section in ("model_cfg", "preprocess_cfg") else config["model_cfg"])[section]
+  target[key] = value
+  return config
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("vision_cfg", "ls_init_value", 1e-5, "vision_cfg.ls_init_value=1e-05 asks for layer scale"),
+    ("text_cfg", "ls_init_value", 1e-5, "text_cfg.ls_init_value=1e-05 asks for layer scale"),
+    ("vision_cfg", "attentional_pool", True, "attentional pooling"),
+    ("vision_cfg", "pool_type", "avg", "vision_cfg.pool_type='avg' asks for pooling other"),
+    ("vision_cfg", "no_ln_pre", True, "vision_cfg.no_ln_pre=True asks for a vision tower without"),
+    ("vision_cfg", "pos_embed_type", "sin_cos_2d", "fixed position embeddings"),
+    ("vision_cfg", "timm_model_name", "vit_base_patch16_224", "a timm image tower"),
+    ("vision_cfg", "qk_norm", True, "vision_cfg.qk_norm=True asks for q/k LayerNorm"),
+    ("vision_cfg", "norm_kwargs", {"eps": 1e-6}, "LayerNorm arguments"),
+    ("vision_cfg", "layers", [3, 4, 6, 3], "asks for a ResNet image tower"),
+    ("vision_cfg", "image_size", [32, 48], "vision_cfg.image_size=[32, 48]; only square"),
+    ("vision_cfg", "head_width", 48, "vision_cfg.width=128 is not a multiple of "
+                                     "vision_cfg.head_width=48"),
+    ("vision_cfg", "a_new_feature", 1, "unknown key vision_cfg.a_new_feature"),
+    ("text_cfg", "hf_model_name", "roberta-base", "a Hugging Face text tower"),
+    ("text_cfg", "hf_tokenizer_name", "bert-base", "a tokenizer other than CLIP's"),
+    ("text_cfg", "pool_type", "last", "text_cfg.pool_type='last' asks for pooling other"),
+    ("text_cfg", "proj_bias", True, "a text projection bias"),
+    ("text_cfg", "proj_type", "none", "a text projection other than a matrix"),
+    ("text_cfg", "no_causal_mask", True, "bidirectional text attention"),
+    ("text_cfg", "embed_cls", True, "a text class token"),
+    ("text_cfg", "heads", 5, "text.width=64 is not a multiple of text.heads=5"),
+    ("model_cfg", "custom_text", True, "a custom text tower"),
+    ("model_cfg", "multimodal_cfg", {"width": 64}, "a multimodal text decoder"),
+    ("model_cfg", "init_logit_bias", -10, "a logit bias"),
+    ("model_cfg", "quick_gelu", "yes", "model_cfg.quick_gelu='yes' must be true or false"),
+    ("preprocess_cfg", "mean", [0.5, 0.5, 0.5], r"preprocess_cfg.mean=[0.5, 0.5, 0.5] is not "
+                                                "CLIP's"),
+    ("preprocess_cfg", "std", [0.26862954, 0.26130258], "preprocess_cfg.std"),
+    ("preprocess_cfg", "resize_mode", "squash", "resizing other than shortest side"),
+    ("preprocess_cfg", "interpolation", "bilinear", "resizing other than bicubic"),
+])
+def test_unsupported_openclip_features_are_refused_by_name(section, key, value, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    checkpoints.config_from_openclip_json(openclip_config(section, key, value))
+
+
+def test_inert_and_default_openclip_keys_are_accepted():
+  config = openclip_config("vision_cfg", "patch_dropout", 0.5)
+  config["model_cfg"]["vision_cfg"].update(ls_init_value=None, pool_type="tok", output_tokens=True)
+  config["model_cfg"]["text_cfg"].update(pool_type="argmax", eos_id=2, hf_model_name=None)
+  config["model_cfg"]["init_logit_scale"] = 2.0
+  config["preprocess_cfg"] = {"mean": list(model.CLIP_MEAN), "std": list(model.CLIP_STD),
+                              "size": 32, "interpolation": "bicubic", "resize_mode": "shortest"}
+  plain = checkpoints.config_from_openclip_json(openclip_config("model_cfg", "quick_gelu", False))
+  assert checkpoints.config_from_openclip_json(config) == plain and plain.activation == "gelu"
+  quick = checkpoints.config_from_openclip_json(openclip_config("model_cfg", "quick_gelu", True))
+  assert quick == dataclasses.replace(plain, activation="quick_gelu")
+
+
+def test_openclip_config_is_checked_first_and_against_the_weights(tiny_openclip, tmp_path):
+  directory, _ = tiny_openclip
+  weights = os.path.join(directory, checkpoints.OPENCLIP_WEIGHTS)
+  # Refused by name before the (unreadable) weights are opened.
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "w.safetensors").write_bytes(b"not safetensors")
+  (tmp_path / "bad" / checkpoints.OPENCLIP_CONFIG).write_text(
+      json.dumps(openclip_config("vision_cfg", "ls_init_value", 0.1)))
+  with pytest.raises(UserError, match="ls_init_value=0.1 asks for layer scale"):
+    checkpoints.load_pretrained(str(tmp_path / "bad" / "w.safetensors"))
+  # A config that does not fit the weights: the key, both shapes, and the config file.
+  (tmp_path / "wide").mkdir()
+  shutil.copy(weights, tmp_path / "wide")
+  (tmp_path / "wide" / checkpoints.OPENCLIP_CONFIG).write_text(
+      json.dumps(openclip_config("vision_cfg", "mlp_ratio", 4.0)))
+  with pytest.raises(UserError, match=r"does not fit the architecture of .*open_clip_config\.json"
+                                      r"'.*mlp\.c_fc\.weight'.*expected shape \(512, 128\).*"
+                                      r"found \(630, 128\)"):
+    checkpoints.load_pretrained(str(tmp_path / "wide"))
+  assert checkpoints.load_pretrained(directory, openclip_activation="gelu")[0].activation == "gelu"
+  with pytest.raises(UserError, match="openclip_activation='quick_gelu' contradicts .*, whose "
+                                      "model is built with gelu"):
+    checkpoints.load_pretrained(directory, openclip_activation="quick_gelu")
+  # Pickled weights are never read.
+  (tmp_path / "pickle").mkdir()
+  shutil.copy(os.path.join(directory, checkpoints.OPENCLIP_CONFIG), tmp_path / "pickle")
+  (tmp_path / "pickle" / checkpoints.OPENCLIP_PICKLE).write_bytes(b"\x80\x02")
+  with pytest.raises(UserError, match=r"has no open_clip_model\.safetensors, only the pickled "
+                                      r"open_clip_pytorch_model\.bin; .* never from pickles"):
+    checkpoints.load_pretrained(str(tmp_path / "pickle"))
+  os.remove(tmp_path / "pickle" / checkpoints.OPENCLIP_CONFIG)
+  with pytest.raises(UserError, match="has no config.json"):  # neither layout
+    checkpoints.load_pretrained(str(tmp_path / "pickle"))
+
+
+def test_shape_inference_refuses_widths_that_are_not_multiples_of_64(tiny):
+  _, hf_model, _, _ = tiny  # text width 48
+  state = openclip_state(hf_model.state_dict(), text_layers=2, vision_layers=2)
+  with pytest.raises(UserError, match=r"text width is 48 \(not a multiple of 64\)"):
+    checkpoints.config_from_openclip({k: v.numpy() for k, v in state.items()})
+
+
+def test_openclip_hub_name_reads_the_hub_cache_offline(offline_hub, tiny_openclip):
+  directory, _ = tiny_openclip
+  with pytest.raises(UserError, match=r"'hf-hub:laion/tiny' could not be fetched.*hf download "
+                                      r'laion/tiny --include "open_clip_config\.json" --include '
+                                      r'"open_clip_model\.safetensors"'):
+    checkpoints.load_pretrained("hf-hub:laion/tiny")
+  # The hub cache layout: refs/main names the snapshot that holds the files.
+  repo = os.path.join(huggingface_hub.constants.HF_HUB_CACHE, "models--laion--tiny")
+  commit = "0" * 40
+  shutil.copytree(directory, os.path.join(repo, "snapshots", commit))
+  os.makedirs(os.path.join(repo, "refs"))
+  with open(os.path.join(repo, "refs", "main"), "w") as f:
+    f.write(commit)
+  cfg, params = checkpoints.load_pretrained("hf-hub:laion/tiny")
+  expected_cfg, expected_params = checkpoints.load_pretrained(directory)
+  assert cfg == expected_cfg
+  assert_trees_equal(params, expected_params)
+  with pytest.raises(UserError, match="expected hf-hub:owner/name"):
+    checkpoints.load_pretrained("hf-hub:tiny")
