@@ -360,7 +360,10 @@ def resolve(config: ml_collections.ConfigDict) -> data.DatasetSpec:
   sampler the run uses (`data.resolve_sampler`): the config a workdir records and compares.
   Returns the dataset spec."""
   validate(config)
-  spec = data.get_dataset(config.dataset)
+  spec = data.get_dataset(config.dataset, config.get("class_names_file"))
+  if config.get("mock_data") and spec.builder_config is not None:
+    raise UserError(f"config.mock_data=True would replace {spec.name} by random examples; set "
+                    "--config.mock_data=False to train on these images")
   with config.unlocked():
     config.sampler = data.resolve_sampler(spec, config.split_file, config.get("sampler"))
   return spec

@@ -12,6 +12,10 @@ so a spec is built without any data on disk.
 Where TFDS's splits are not the benchmark's, the benchmark splits are carved from TFDS splits per
 class, at random with a fixed seed, in the protocol's proportions (`Carve`); a split file of the
 protocol, when given, replaces that by the protocol's exact lists of files (see `splits.py`).
+
+Besides the benchmarks, `get_dataset` makes a spec of the user's own images: `folder:/root` or
+`csv:/file.csv` (see `user_datasets.py`), read through our `user_images` TFDS builder, whose
+config the spec carries, with the benchmark rules for splitting them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable, Mapping
 import tensorflow_datasets as tfds
 
 from clip_lora_jax.data import builders  # pylint: disable=unused-import  (registers our builders)
+from clip_lora_jax.data import user_datasets
 from clip_lora_jax.errors import UserError
 
 # CLIP-LoRA trains and tests every dataset with this single template.
@@ -82,6 +87,8 @@ class DatasetSpec:
       when it reads the protocol's split file.
     manual_download: what to put into the TFDS manual directory before preparing, or None when
       TFDS downloads the data itself.
+    builder_config: for a dataset of the user's own images, the config of our `user_images`
+      builder listing them, which `source.builder` prepares on first use; None for a benchmark.
   """
   name: str
   tfds_name: str
@@ -98,6 +105,7 @@ class DatasetSpec:
   split_file_name: str | None = None
   reference_order: str | None = None
   manual_download: str | None = None
+  builder_config: tfds.core.BuilderConfig | None = None
 
   def __post_init__(self):
     if not self.ensemble_templates:
@@ -294,9 +302,41 @@ _FACTORIES: dict[str, Callable[[], DatasetSpec]] = {
 DATASET_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
+# The benchmark splits of a user dataset, by its TFDS splits: the rules of the benchmarks above.
+_USER_SPLITS: dict[tuple[str, ...], Mapping[str, SplitSource]] = {
+    user_datasets.ALL_IN_ONE: _random_50_20_30(("train",)),
+    user_datasets.TRAIN_TEST: _OFFICIAL_TEST_TRAIN_80_20,
+    user_datasets.TRAIN_VAL_TEST: {"train": ("train",), "val": ("validation",), "test": ("test",)},
+}
+
+
+def _user_dataset(name: str, class_names_file: str | None) -> DatasetSpec:
+  """The spec of `folder:...` or `csv:...` dataset `name`, its files listed and checked."""
+  listing = user_datasets.listing(name)
+  return DatasetSpec(
+      name=listing.name, tfds_name=builders.user_images.NAME,
+      class_names=user_datasets.class_names(listing.classes, class_names_file),
+      splits=_USER_SPLITS[listing.tfds_splits], file_key="file_name",
+      builder_config=listing.builder_config())
+
+
 @functools.lru_cache(maxsize=None)
-def get_dataset(name: str) -> DatasetSpec:
-  """The spec of benchmark dataset `name` (one of `DATASET_NAMES`)."""
+def _benchmark(name: str) -> DatasetSpec:
   if name not in _FACTORIES:
-    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}, or "
+                    f"{user_datasets.FOLDER}/path/to/images or {user_datasets.CSV}/path/to/file.csv")
   return _FACTORIES[name]()
+
+
+def get_dataset(name: str, class_names_file: str | None = None) -> DatasetSpec:
+  """The spec of benchmark dataset `name` (one of `DATASET_NAMES`), or of the user's images
+  `folder:/root` or `csv:/file.csv`, with prompt names from `class_names_file` (a JSON object
+  {class folder: name}; user datasets only). A user dataset's files are listed and checked anew
+  at each call, so that a changed folder is seen."""
+  if user_datasets.is_user_dataset(name):
+    return _user_dataset(name, class_names_file)
+  if class_names_file is not None:
+    raise UserError(f"class_names_file applies to {user_datasets.FOLDER} and "
+                    f"{user_datasets.CSV} datasets only, not to the benchmark {name!r}: leave it "
+                    "unset")
+  return _benchmark(name)
