@@ -124,7 +124,7 @@ def _images_below(directory: str, root: str, where: str) -> list[str]:
         path = os.path.join(parent, name)
         check_image(path, where)
         found.append(os.path.relpath(path, root).replace(os.sep, "/"))
-  return found
+  return sorted(found)
 
 
 def _subfolders(directory: str) -> list[str]:
@@ -142,8 +142,8 @@ def _check_classes(where: str, by_split: Mapping[str, Collection[str]],
       raise UserError(f"{where}: the splits have different classes: {names[split]} lacks "
                       f"{_named(lacking)}; every split needs the same classes")
   if len(every) < 2:
-    raise UserError(f"{where}: has {len(every)} class ({_named(every) or 'none'}); "
-                    "classification needs at least 2 classes")
+    raise UserError(f"{where}: has only {len(every)} class{'' if every else 'es'} "
+                    f"({_named(every) or 'none'}); classification needs at least 2 classes")
   return tuple(every)
 
 
