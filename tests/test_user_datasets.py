@@ -94,7 +94,7 @@ def test_train_and_eval_on_a_folder_of_images(tmp_path, cache_dir, capsys):
   assert "test: 20 examples" in stdout
 
 
-def test_the_seeded_split_is_stratified_and_a_pure_function_of_the_file_list(tmp_path):
+def test_the_seeded_split_is_stratified_and_a_pure_function_of_the_file_list(tmp_path, capsys):
   first = data.get_dataset(f"folder:{make_folder(tmp_path / 'a')}")
   # The same files elsewhere, written in the opposite order: another dataset, the same split.
   second = data.get_dataset(f"folder:{make_folder(tmp_path / 'b', reverse=True)}")
@@ -111,6 +111,12 @@ def test_the_seeded_split_is_stratified_and_a_pure_function_of_the_file_list(tmp
   labels = np.repeat(np.arange(3), PER_CLASS)
   names = [f"{c}/{i}.png" for c in CLASSES for i in range(PER_CLASS)]
   assert split["val"] == [names[i] for i in splits.carve(labels, (0.5, 0.2, 0.3), 1)]
+
+  # `prepare` with a data_dir prepares there, under the digest of the listing.
+  code, stdout, _ = run_cli(capsys, "prepare", first.name, "--data_dir", str(tmp_path / "tfds"))
+  assert code == 0 and f"prepared {first.name} in {tmp_path / 'tfds'}" in stdout
+  assert "test: 6 examples" in stdout
+  assert os.path.isdir(tmp_path / "tfds" / "user_images" / first.builder_config.name / "1.0.0")
 
   # Any change of a file (its size or modification time) is another dataset: new caches, and a
   # run config (what a workdir records and compares) that differs.
