@@ -194,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
   info_parser = commands.add_parser(
       "info", help="print class count, class names and split sizes",
       description="Print a dataset's class count, a few class names, its templates and the "
-                  "sizes of its benchmark splits (the dataset must be prepared).")
+                  "sizes of its benchmark splits (a benchmark must be prepared; folder: and csv: "
+                  "datasets are prepared on first use).")
   info_parser.add_argument("name", metavar="NAME", help=name_help)
   info_parser.add_argument("--data_dir", help=data_dir_help)
   info_parser.add_argument("--class_names_file", help=class_names_help)

@@ -64,7 +64,8 @@ SplitFilePath = Callable[[str, str, str], str]
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """One benchmark dataset: where its examples are in TFDS and how to prompt its classes.
+  """One dataset (a benchmark, or the user's images): where its examples are in TFDS and how to
+  prompt its classes.
 
   Attributes:
     name: benchmark name (a key of `DATASET_NAMES`).
