@@ -68,7 +68,7 @@ class DatasetSpec:
   prompt its classes.
 
   Attributes:
-    name: benchmark name (a key of `DATASET_NAMES`).
+    name: benchmark name (a key of `DATASET_NAMES`), or `folder:/root` / `csv:/file.csv`.
     tfds_name: TFDS builder name, with config (e.g. `eurosat/rgb`).
     class_names: benchmark class names in benchmark label order, ready for a template.
     splits: benchmark role ("train", "val", "test") -> its `SplitSource`. A dataset without a
