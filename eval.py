@@ -78,7 +78,7 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str,
   """Top-1 / top-5 of the (adapted) base model on `split` of the config's dataset. `overrides`:
   the config keys the command line sets, which must not contradict the adapter."""
   overrides = set(overrides)
-  spec = data.get_dataset(config.dataset)
+  spec = data.get_dataset(config.dataset, config.get("class_names_file"))
   adapter = methods.load_adapter(adapter_path) if adapter_path else None
   if adapter is not None:
     methods.check_overrides(adapter, config, overrides)

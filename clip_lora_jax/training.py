@@ -274,12 +274,18 @@ class Run:
 
 def resolve(config: ml_collections.ConfigDict) -> data.DatasetSpec:
   """Checks `config` (`validate`) and its dataset name, and sets `config.sampler` to the few-shot
-  sampler the run uses (`data.resolve_sampler`): the config a workdir records and compares.
-  Returns the dataset spec."""
+  sampler the run uses (`data.resolve_sampler`) and, for a dataset of the user's own images,
+  `config.dataset_digest` to the digest of its files (so that a workdir is not resumed on changed
+  files): the config a workdir records and compares. Returns the dataset spec."""
   validate(config)
-  spec = data.get_dataset(config.dataset)
+  spec = data.get_dataset(config.dataset, config.get("class_names_file"))
+  if config.get("mock_data") and spec.builder_config is not None:
+    raise UserError(f"config.mock_data=True would replace {spec.name} by random examples; set "
+                    "--config.mock_data=False to train on these images")
   with config.unlocked():
     config.sampler = data.resolve_sampler(spec, config.split_file, config.get("sampler"))
+    if spec.builder_config is not None:
+      config.dataset_digest = spec.builder_config.name
   return spec
 
 

@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_args.parse(arg, dataset="eurosat", shots=16, seed=1)
   c = ml_collections.ConfigDict()
   c.method = "lora"
-  c.dataset = args.dataset
+  c.dataset = args.dataset  # A benchmark name, folder:/path/to/images or csv:/path/to/file.csv.
   c.shots = args.shots
   c.seed = args.seed
 
@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mock_examples = 64
   c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir.
   c.split_file = ml_collections.config_dict.placeholder(str)  # split_zhou_<Dataset>.json.
+  # dataset=folder:/path or csv:/path.csv: a JSON object {class folder or label: name in prompts}
+  # (default: the folder names, underscores as spaces).
+  c.class_names_file = ml_collections.config_dict.placeholder(str)
   # Few-shot sampler: "reference" (the official code's images for this seed: with a split file,
   # and for ImageNet and FGVC-Aircraft) or "numpy"; unset: "reference" wherever it applies. The
   # run records the one it used (config.json, adapter).

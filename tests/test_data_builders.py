@@ -239,7 +239,8 @@ def test_command_reports_user_errors_in_one_line_without_traceback(tmp_path, cap
   code, _, err = run_cli(capsys, "info", "eurosat", "--data_dir", str(tmp_path))
   assert code == 2 and "prepare eurosat --data_dir" in err and "Traceback" not in err
   code, _, err = run_cli(capsys, "info", "cifar10")
-  assert code == 2 and "invalid choice" in err
+  assert code == 2 and err.startswith("error: unknown dataset 'cifar10': choose one of imagenet")
+  assert "folder:/path/to/images" in err and "Traceback" not in err
 
 
 def test_command_help_lists_commands_and_datasets(capsys):

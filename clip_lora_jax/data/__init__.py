@@ -1,4 +1,5 @@
-"""Few-shot data of the 11 CLIP-LoRA benchmark datasets, from TFDS.
+"""Few-shot data of the 11 CLIP-LoRA benchmark datasets, and of your own images
+(`folder:/root`, `csv:/file.csv`: `user_datasets`), from TFDS.
 
   spec = data.get_dataset("eurosat")
   few = data.load_few_shot(spec, shots=16, seed=1)

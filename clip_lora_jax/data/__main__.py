@@ -1,8 +1,12 @@
-"""Prepare a benchmark dataset with TFDS, or show what it holds.
+"""Prepare a benchmark dataset (or your own images) with TFDS, or show what it holds.
 
   python -m clip_lora_jax.data prepare NAME [--data_dir D] [--manual_dir M]
   python -m clip_lora_jax.data info NAME [--data_dir D] [--split_file F]
                                    [--shots K [--seed S] [--sampler reference|numpy] [--list]]
+
+NAME is a benchmark, or `folder:/path/to/root` (one folder of images per class) or
+`csv:/path/to/file.csv` (columns path,label[,split]); these are prepared on first use under the
+cache directory (or --data_dir), and `--class_names_file` names their classes in prompts.
 
 `prepare` downloads and prepares the TFDS data (or, for ImageNet, Stanford Cars, FGVC-Aircraft
 and UCF-101, prepares it from files you put into the manual directory, and says which) and then
@@ -51,11 +55,11 @@ def print_choice(spec: DatasetSpec, data_dir: str | None, choice: sampling.Choic
       print(f"{role}\t{label}\t{path or examples.describe(position)}")
 
 
-def info(name: str, data_dir: str | None, split_file: str | None) -> None:
+def info(spec: DatasetSpec, data_dir: str | None, split_file: str | None) -> None:
   """Prints the dataset's classes, templates and benchmark split sizes."""
-  spec = registry.get_dataset(name)
   names = ", ".join(spec.class_names[:_SHOWN_CLASSES])
-  print(f"{spec.name}: TFDS {spec.tfds_name}, {spec.num_classes} classes ({names}, ...)")
+  tfds_name = spec.tfds_name + (f"/{spec.builder_config.name}" if spec.builder_config else "")
+  print(f"{spec.name}: TFDS {tfds_name}, {spec.num_classes} classes ({names}, ...)")
   print(f"  template: {spec.template!r}; CoOp zero-shot template: {spec.coop_template!r}; "
         f"{len(spec.ensemble_templates)} ensemble template(s)")
   for role in registry.ROLES:
@@ -66,14 +70,20 @@ def info(name: str, data_dir: str | None, split_file: str | None) -> None:
       print(f"  {role}: none in the protocol (validation shots come from train)")
 
 
-def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> None:
-  """Prepares the TFDS data of benchmark dataset `name`, then prints its `info`.
+def prepare(spec: DatasetSpec, data_dir: str | None, manual_dir: str | None) -> None:
+  """Prepares the TFDS data of `spec`, then prints its `info`.
 
   Datasets TFDS downloads itself are first checked to be reachable (seconds, not TFDS's minutes
   of retries); without network, the UserError says which files to download elsewhere and where
-  to put them. A failed preparation removes what it created.
+  to put them. A failed preparation removes what it created. The user's own images are prepared
+  as every use prepares them (`source.builder`).
   """
-  spec = registry.get_dataset(name)
+  name = spec.name
+  if spec.builder_config is not None:
+    root = os.fspath(source.builder(spec, data_dir).data_dir_root)
+    print(f"prepared {name} in {root}")
+    info(spec, root, split_file=None)
+    return
   tfds_builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   root = os.fspath(tfds_builder.data_dir_root)
   if spec.manual_download is not None:
@@ -95,7 +105,7 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> None:
       raise offline_error(spec, tfds_builder, manual_dir or source.default_manual_dir(root),
                           f"{type(e).__name__}: {e}") from e
   print(f"prepared {spec.tfds_name} in {root}")
-  info(name, root, split_file=None)
+  info(spec, root, split_file=None)
 
 
 def tfds_downloads(tfds_builder: tfds.core.DatasetBuilder) -> dict[str, str]:
@@ -164,23 +174,31 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m clip_lora_jax.data", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog=f"datasets: {', '.join(registry.DATASET_NAMES)}")
+      epilog=f"datasets: {', '.join(registry.DATASET_NAMES)}, folder:/path/to/images, "
+             "csv:/path/to/file.csv")
   commands = parser.add_subparsers(dest="command", required=True)
-  data_dir_help = "TFDS data directory (default: TFDS's, ~/tensorflow_datasets)"
+  data_dir_help = ("TFDS data directory (default: TFDS's, ~/tensorflow_datasets; for folder: and "
+                   "csv: datasets, the cache directory's tfds/)")
+  name_help = "a benchmark dataset, folder:/path/to/images or csv:/path/to/file.csv"
+  class_names_help = ("folder: and csv: datasets: a JSON object {class folder or label: name in "
+                      "prompts} (default: folder names, underscores as spaces)")
   prepare_parser = commands.add_parser(
       "prepare", help="download and prepare a dataset with TFDS",
       description="Download and prepare a dataset with TFDS, then print its info.")
-  prepare_parser.add_argument("name", choices=registry.DATASET_NAMES, metavar="NAME")
+  prepare_parser.add_argument("name", metavar="NAME", help=name_help)
   prepare_parser.add_argument("--data_dir", help=data_dir_help)
+  prepare_parser.add_argument("--class_names_file", help=class_names_help)
   prepare_parser.add_argument(
       "--manual_dir", help="folder holding manually downloaded files (imagenet, stanford_cars, "
       "fgvc_aircraft, ucf101; default: DATA_DIR/downloads/manual)")
   info_parser = commands.add_parser(
       "info", help="print class count, class names and split sizes",
       description="Print a dataset's class count, a few class names, its templates and the "
-                  "sizes of its benchmark splits (the dataset must be prepared).")
-  info_parser.add_argument("name", choices=registry.DATASET_NAMES, metavar="NAME")
+                  "sizes of its benchmark splits (a benchmark must be prepared; folder: and csv: "
+                  "datasets are prepared on first use).")
+  info_parser.add_argument("name", metavar="NAME", help=name_help)
   info_parser.add_argument("--data_dir", help=data_dir_help)
+  info_parser.add_argument("--class_names_file", help=class_names_help)
   info_parser.add_argument("--split_file", help="a split_zhou_<Dataset>.json of the CoOp protocol")
   info_parser.add_argument("--shots", type=int, metavar="K",
                            help="also choose the K-shot set (and validation shots) of a run")
@@ -201,16 +219,16 @@ def main(argv: Sequence[str] | None = None) -> None:
       args.seed is not None or args.sampler or args.list_files):
     parser.error("--seed, --sampler and --list need --shots")
   with exit_on_user_error():
+    spec = registry.get_dataset(args.name, args.class_names_file)
     if args.command == "prepare":
-      prepare(args.name, args.data_dir, args.manual_dir)
+      prepare(spec, args.data_dir, args.manual_dir)
     else:
-      spec = registry.get_dataset(args.name)
       seed = _DEFAULT_SEED if args.seed is None else args.seed
       choice = None  # chosen first, so that a bad request prints nothing but its error
       if args.shots is not None:
         choice = sampling.choose(spec, args.shots, seed, args.data_dir, args.split_file,
                                  sampler=args.sampler)
-      info(args.name, args.data_dir, args.split_file)
+      info(spec, args.data_dir, args.split_file)
       if choice is not None:
         print_choice(spec, args.data_dir, choice, args.shots, seed, args.list_files)
 

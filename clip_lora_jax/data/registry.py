@@ -12,6 +12,10 @@ so a spec is built without any data on disk.
 Where TFDS's splits are not the benchmark's, the benchmark splits are carved from TFDS splits per
 class, at random with a fixed seed, in the protocol's proportions (`Carve`); a split file of the
 protocol, when given, replaces that by the protocol's exact lists of files (see `splits.py`).
+
+Besides the benchmarks, `get_dataset` makes a spec of the user's own images: `folder:/root` or
+`csv:/file.csv` (see `user_datasets.py`), read through our `user_images` TFDS builder, whose
+config the spec carries, with the benchmark rules for splitting them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from clip_lora_jax.data import builders  # pylint: disable=unused-import  (registers our builders)
+from clip_lora_jax.data import user_datasets
 from clip_lora_jax.errors import UserError
 
 # CLIP-LoRA trains and tests every dataset with this single template.
@@ -81,10 +86,11 @@ SplitFilePath = Callable[[str, str, str], str]
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """One benchmark dataset: where its examples are in TFDS and how to prompt its classes.
+  """One dataset (a benchmark, or the user's images): where its examples are in TFDS and how to
+  prompt its classes.
 
   Attributes:
-    name: benchmark name (a key of `DATASET_NAMES`).
+    name: benchmark name (a key of `DATASET_NAMES`), or `folder:/root` / `csv:/file.csv`.
     tfds_name: TFDS builder name, with config (e.g. `eurosat/rgb`).
     class_names: benchmark class names in benchmark label order, ready for a template.
     splits: benchmark role ("train", "val", "test") -> its `SplitSource`. A dataset without a
@@ -105,6 +111,8 @@ class DatasetSpec:
     manual_download: what to put into the TFDS manual directory before preparing, or None when
       TFDS downloads the data itself.
     subset_of: its classes as classes of another dataset (`ClassSubset`), or None.
+    builder_config: for a dataset of the user's own images, the config of our `user_images`
+      builder listing them, which `source.builder` prepares on first use; None for a benchmark.
   """
   name: str
   tfds_name: str
@@ -122,6 +130,7 @@ class DatasetSpec:
   reference_order: str | None = None
   manual_download: str | None = None
   subset_of: ClassSubset | None = None
+  builder_config: tfds.core.BuilderConfig | None = None
 
   def __post_init__(self):
     if not self.ensemble_templates:
@@ -369,18 +378,52 @@ def _class_split(name: str) -> DatasetSpec:
   dataset, _, part = name.partition("/")
   if dataset not in _FACTORIES or part not in CLASS_SPLITS:
     raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}, "
-                    f"{', '.join(DOMAIN_SHIFT_NAMES)}, or NAME/base or NAME/novel (the class "
-                    "halves of the base-to-novel protocol)")
+                    f"{', '.join(DOMAIN_SHIFT_NAMES)}, NAME/base or NAME/novel (the class "
+                    "halves of the base-to-novel protocol), or "
+                    f"{user_datasets.FOLDER}/path/to/images or {user_datasets.CSV}/path/to/file.csv")
   spec = get_dataset(dataset)
   return class_subset(spec, base_novel_ids(spec.num_classes)[part], name)
 
 
 @functools.lru_cache(maxsize=None)
-def get_dataset(name: str) -> DatasetSpec:
-  """The spec of dataset `name`: a benchmark (`DATASET_NAMES`), a domain-shift test set
-  (`DOMAIN_SHIFT_NAMES`), or `BENCHMARK/base`, `BENCHMARK/novel` (base-to-novel halves)."""
+def _benchmark(name: str) -> DatasetSpec:
+  """A benchmark (`DATASET_NAMES`), a domain-shift test set (`DOMAIN_SHIFT_NAMES`), or
+  `BENCHMARK/base`, `BENCHMARK/novel` (base-to-novel halves)."""
   if name in _FACTORIES:
     return _FACTORIES[name]()
   if name in _DOMAIN_SHIFT:
     return _DOMAIN_SHIFT[name]()
   return _class_split(name)
+
+
+# The benchmark splits of a user dataset, by its TFDS splits: the rules of the benchmarks above.
+_USER_SPLITS: dict[tuple[str, ...], Mapping[str, SplitSource]] = {
+    user_datasets.ALL_IN_ONE: _random_50_20_30(("train",)),
+    user_datasets.TRAIN_TEST: _OFFICIAL_TEST_TRAIN_80_20,
+    user_datasets.TRAIN_VAL_TEST: {"train": ("train",), "val": ("validation",), "test": ("test",)},
+}
+
+
+def _user_dataset(name: str, class_names_file: str | None) -> DatasetSpec:
+  """The spec of `folder:...` or `csv:...` dataset `name`, its files listed and checked."""
+  listing = user_datasets.listing(name)
+  return DatasetSpec(
+      name=listing.name, tfds_name=builders.user_images.NAME,
+      class_names=user_datasets.class_names(listing.classes, class_names_file),
+      splits=_USER_SPLITS[listing.tfds_splits], file_key="file_name",
+      builder_config=listing.builder_config())
+
+
+def get_dataset(name: str, class_names_file: str | None = None) -> DatasetSpec:
+  """The spec of dataset `name` (a benchmark, a domain-shift test set or a base-to-novel half:
+  see `_benchmark`), or of the user's images
+  `folder:/root` or `csv:/file.csv`, with prompt names from `class_names_file` (a JSON object
+  {class folder: name}; user datasets only). A user dataset's files are listed and checked anew
+  at each call, so that a changed folder is seen."""
+  if user_datasets.is_user_dataset(name):
+    return _user_dataset(name, class_names_file)
+  if class_names_file is not None:
+    raise UserError(f"class_names_file applies to {user_datasets.FOLDER} and "
+                    f"{user_datasets.CSV} datasets only, not to the benchmark {name!r}: leave it "
+                    "unset")
+  return _benchmark(name)

@@ -21,12 +21,17 @@ import tensorflow_datasets as tfds
 
 from clip_lora_jax import files
 from clip_lora_jax.files import default_cache_dir
+from clip_lora_jax.data.builders import user_images
 from clip_lora_jax.data.registry import DatasetSpec
 from clip_lora_jax.errors import UserError
 
 
 def builder(spec: DatasetSpec, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of `spec` reading from `data_dir` (TFDS's default when None)."""
+  """The TFDS builder of `spec` reading from `data_dir` (TFDS's default when None). A dataset of
+  the user's own images is prepared here on first use (by default under the cache directory:
+  `user_images.default_data_dir()`)."""
+  if spec.builder_config is not None:
+    return user_images.prepared_builder(spec.builder_config, data_dir)
   return tfds.builder(spec.tfds_name, data_dir=data_dir)
 
 
