@@ -46,6 +46,9 @@ METHODS: dict[str, Method] = {
     "block_lora": Method("lora", "block_lora"),
     "llu": Method("llu", "llu"),
     "zero_shot": Method("zero_shot", "zero_shot"),
+    "linear_probe": Method("linear_probe", "linear_probe"),
+    "lp_plus_plus": Method("lp_plus_plus", "lp_plus_plus"),
+    "clap": Method("clap", "clap"),
 }
 
 
