@@ -1,7 +1,7 @@
 """Linear probe on frozen CLIP image embeddings (clip_lora_jax/methods/linear_probe.py):
 
   python train.py --config configs/linear_probe.py:dataset=dtd,shots=4,seed=2 --workdir runs/dtd_lp
-  python train.py --config configs/linear_probe.py --workdir runs/eurosat_lp --config.linear_probe.c=1
+  python train.py --config configs/linear_probe.py --workdir runs/lp --config.linear_probe.c=1
 
 The official script's values (CoOp `lpclip/linear_probe.py`): sklearn's lbfgs with 1000
 iterations and tolerance 1e-4; C from the grid 1e6, 1e4, ..., 1e-6, then 8 bisection steps, on

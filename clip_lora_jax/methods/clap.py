@@ -75,9 +75,9 @@ def multipliers(views: np.ndarray, labels: np.ndarray, classifier: np.ndarray,
 
 
 def init(task: feature_cache.Task, config: Config) -> Params:
-  classifier = jnp.asarray(task.classifier)
-  return {"prototypes": classifier,
-          feature_cache.FROZEN: {"classifier": classifier,
+  """P0 = T (two buffers: the train step donates P's)."""
+  return {"prototypes": jnp.array(task.classifier),
+          feature_cache.FROZEN: {"classifier": jnp.array(task.classifier),
                                  "multipliers": multipliers(task.views, task.view_labels,
                                                             task.classifier, config)}}
 
