@@ -50,6 +50,9 @@ METHODS: dict[str, Method] = {
     "clip_adapter": Method("clip_adapter", "clip_adapter"),
     "taskres": Method("taskres", "taskres"),
     "prolip": Method("prolip", "prolip"),
+    "linear_probe": Method("linear_probe", "linear_probe"),
+    "lp_plus_plus": Method("lp_plus_plus", "lp_plus_plus"),
+    "clap": Method("clap", "clap"),
 }
 
 
