@@ -46,6 +46,9 @@ METHODS: dict[str, Method] = {
     "block_lora": Method("lora", "block_lora"),
     "llu": Method("llu", "llu"),
     "zero_shot": Method("zero_shot", "zero_shot"),
+    "tip_adapter": Method("tip_adapter", "tip_adapter"),
+    "tip_adapter_f": Method("tip_adapter", "tip_adapter_f"),
+    "gda": Method("gda", "gda"),
 }
 
 
