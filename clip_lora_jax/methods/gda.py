@@ -68,11 +68,17 @@ class Config(feature_cache.MethodConfig):
 
 def fit(x: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
   """(W, b) of GDA on unit samples x (N, D) with labels, as the module docstring says."""
-  x = x.astype(np.float64)
-  means = np.stack([x[labels == c].mean(0) for c in range(num_classes)])
-  centred = x - means[labels]
-  covariance = np.cov(centred, rowvar=False)
+  order = np.argsort(labels, kind="stable")
+  centred = x[order].astype(np.float64)  # grouped by class, centred in place below
+  counts = np.bincount(labels, minlength=num_classes)
+  ends = np.cumsum(counts)
+  means = np.empty((num_classes, x.shape[1]))
+  for c, (start, end) in enumerate(zip(ends - counts, ends)):
+    means[c] = centred[start:end].mean(0)
+    centred[start:end] -= means[c]
   count, dim = centred.shape
+  mean = centred.mean(0)  # 0 up to rounding; torch.cov subtracts it
+  covariance = (centred.T @ centred - count * np.outer(mean, mean)) / (count - 1)
   precision = dim * np.linalg.pinv((count - 1) * covariance + np.trace(covariance) * np.eye(dim))
   weights = means @ precision
   bias = np.log(1.0 / num_classes) - np.einsum("cd,cd->c", weights, means) / 2
@@ -82,6 +88,10 @@ def fit(x: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray
 def init(task: feature_cache.Task, config: Config) -> Params:
   """The closed form on the normalised views; alpha at the official default until `select`."""
   del config
+  empty = np.flatnonzero(np.bincount(task.view_labels, minlength=task.num_classes) == 0)
+  if len(empty):
+    raise UserError(f"gda needs a mean of every class, and classes {empty.tolist()} have no "
+                    "training shot: use a dataset whose every class has training images")
   views = np.asarray(normalize(jnp.asarray(task.views)))
   weights, bias = fit(views, task.view_labels, task.num_classes)
   return {FROZEN: {"weights": jnp.asarray(weights), "bias": jnp.asarray(bias),

@@ -143,17 +143,36 @@ def search_grid(scale: float, steps: int) -> np.ndarray:
   return np.array([i * (scale - 0.1) / steps + 0.1 for i in range(steps)], np.float32)
 
 
+def _class_groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The shots of each class for one-hot values (NK, C): indices (C, K) into the shots, K the
+  most shots of a class, and which of them are real (a class with fewer is padded)."""
+  labels = np.argmax(values, -1)
+  counts = np.bincount(labels, minlength=values.shape[-1])
+  order = np.argsort(labels, kind="stable")
+  mask = np.arange(max(counts.max(), 1)) < counts[:, None]
+  index = np.zeros(mask.shape, np.int32)
+  index[mask] = order
+  return index, mask
+
+
 @jax.jit
-def _grid_correct(f: jax.Array, labels: jax.Array, keys: jax.Array, values: jax.Array,
-                  classifier: jax.Array, betas: jax.Array, alphas: jax.Array) -> jax.Array:
-  """(betas, alphas) counts of correct top-1 predictions of the Tip logits of unit f."""
-  affinity = jnp.matmul(f, keys.T, precision=_PRECISION)
+def _grid_correct(f: jax.Array, labels: jax.Array, keys: jax.Array, index: jax.Array,
+                  mask: jax.Array, classifier: jax.Array, betas: jax.Array,
+                  alphas: jax.Array) -> jax.Array:
+  """(betas, alphas) counts of correct top-1 predictions of the Tip logits of unit f. The
+  values are one-hot, so exp(-beta (1 - f F^T)) L sums each class's shots: affinities grouped
+  by class once, (M, C, K), then a sum per beta instead of an (M, NK) x (NK, C) product."""
+  affinity = jnp.matmul(f, keys.T, precision=_PRECISION)[:, index]
   zero_shot = SCALE * jnp.matmul(f, classifier.T, precision=_PRECISION)
+  classes = jnp.arange(zero_shot.shape[-1])
 
   def per_beta(beta):
-    cache = jnp.matmul(jnp.exp(-beta * (1.0 - affinity)), values, precision=_PRECISION)
+    cache = jnp.where(mask, jnp.exp(-beta * (1.0 - affinity)), 0.0).sum(-1)
     scores = zero_shot + alphas[:, None, None] * cache
-    return jnp.sum(jnp.argmax(scores, -1) == labels, -1)
+    # argmax(scores) == labels (the first of equal maxima), without XLA CPU's slow argmax.
+    own = jnp.take_along_axis(scores, labels[None, :, None], -1)
+    beaten = (scores > own) | ((scores == own) & (classes < labels[:, None]))
+    return jnp.sum(~jnp.any(beaten, -1), -1)
   return jax.lax.map(per_beta, betas)
 
 
@@ -164,9 +183,10 @@ def search(params: Params, val: np.ndarray, val_labels: np.ndarray,
   betas = search_grid(config.search_scale[0], config.search_steps[0])
   alphas = search_grid(config.search_scale[1], config.search_steps[1])
   frozen = params[FROZEN]
-  correct = np.asarray(_grid_correct(normalize(jnp.asarray(val)), jnp.asarray(val_labels),
-                                     _keys(params), frozen["values"], frozen["classifier"],
-                                     jnp.asarray(betas), jnp.asarray(alphas)))
+  index, mask = _class_groups(np.asarray(frozen["values"]))
+  correct = np.asarray(_grid_correct(
+      normalize(jnp.asarray(val)), jnp.asarray(val_labels), _keys(params), jnp.asarray(index),
+      jnp.asarray(mask), frozen["classifier"], jnp.asarray(betas), jnp.asarray(alphas)))
   if correct.max() <= 0:
     return 0.0, 0.0
   b, a = np.unravel_index(np.argmax(correct), correct.shape)

@@ -91,10 +91,13 @@ def test_alpha_is_searched_on_the_validation_shots_only(make_task):
   assert chosen != pytest.approx(1e-4)  # the search mattered
 
 
-def test_no_validation_shots_and_bad_alphas_are_refused(task):
+def test_no_validation_shots_a_class_without_shots_and_bad_alphas_are_refused(task):
   none = dataclasses.replace(task, val=task.val[:0], val_labels=task.val_labels[:0])
   with pytest.raises(UserError, match="validation shots"):
     gda.select(gda.init(task, gda.Config()), none, gda.Config())
+  shotless = dataclasses.replace(task, view_labels=np.minimum(task.view_labels, 1))
+  with pytest.raises(UserError, match=r"classes \[2\] have no training shot"):
+    gda.init(shotless, gda.Config())
   for alphas in ((), (-1.0,), (1.0, float("nan"))):
     with pytest.raises(UserError, match=r"^gda\.alphas="):
       gda.Config.from_dict({"alphas": alphas})
