@@ -53,6 +53,9 @@ METHODS: dict[str, Method] = {
     "linear_probe": Method("linear_probe", "linear_probe"),
     "lp_plus_plus": Method("lp_plus_plus", "lp_plus_plus"),
     "clap": Method("clap", "clap"),
+    "tip_adapter": Method("tip_adapter", "tip_adapter"),
+    "tip_adapter_f": Method("tip_adapter", "tip_adapter_f"),
+    "gda": Method("gda", "gda"),
 }
 
 

@@ -24,8 +24,8 @@ and three lines that hand the rest to this module (`train_and_evaluate = run`, `
 `logits_fn`). The run: the frozen features of `config.views` augmented views of the few-shot
 images, of the clean shots and of the validation shots are computed once and cached
 (`clip_lora_jax.features`); the zero-shot classifier of `config.templates` is built; `init`;
-when the method trains, the shared loop (`training.fit`: checkpoints, resume, metrics) runs
-`config.epochs` epochs of `loss` on batches of cached views (with `config.select_epoch`,
+when the method trains (a `loss`, and parameters outside "frozen"), the shared loop
+(`training.fit`: checkpoints, resume, metrics) runs `config.epochs` epochs of `loss` on batches of cached views (with `config.select_epoch`,
 the epoch whose parameters score best on the validation shots is kept); `select`; the adapter (every
 array that inference needs, the zero-shot classifier included) is written and scored on the
 test split. Hyper-parameter searches see the validation shots only, never the test split.
@@ -290,9 +290,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   with training.data_context(config):
     task = load_task(run, params, method, templates)
     final = jax.device_get(method.init(task, method_config))
-    steps = run.steps if trains else 0
+    steps = run.steps if trains and num_parameters(final) else 0  # all frozen: nothing trains
     with metrics.MetricWriter(workdir, enabled=run.lead) as writer:
-      if trains and steps:
+      if steps:
         final = _fit(run, method, method_config, task, final, writer)
       if hasattr(method, "select"):
         final = method.select(final, task, method_config)
