@@ -19,8 +19,6 @@ model).
 import functools
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any
 
 # pylint: disable=wrong-import-position
 from clip_lora_jax import cli
@@ -31,9 +29,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 with cli.quiet_imports(sys.argv):
-  from clip_lora_jax import base as base_lib
-  from clip_lora_jax import data, inference, methods
-from clip_lora_jax.errors import UserError, exit_on_user_error
+  from clip_lora_jax import inference
+from clip_lora_jax.errors import exit_on_user_error
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "fewshot.py")
 
@@ -56,76 +53,15 @@ flags.DEFINE_bool("table", True, "Print the predictions as a table.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def class_names_for(classes: str | None, classes_file: str | None, adapter: Any, config,
-                    config_given: bool) -> tuple[str, ...]:
-  """The class names to score: the command line's, else the adapter's task's, else the
-  explicitly given config's dataset's."""
-  if classes is not None and classes_file is not None:
-    raise UserError("give the class names once: --classes or --classes_file, not both")
-  if classes is not None:
-    return inference.parse_class_list(classes)
-  if classes_file is not None:
-    return inference.read_class_file(classes_file)
-  if adapter is not None:
-    return inference.adapter_class_names(adapter)
-  if config_given:
-    return data.get_dataset(config.dataset).class_names
-  raise UserError("no classes to score: give --classes \"cat,dog\", --classes_file, an "
-                  "--adapter (its task's classes) or a --config naming a dataset")
-
-
-def templates_for(flag: Sequence[str] | None, adapter: Any, config,
-                  overrides: set[str]) -> tuple[str, ...]:
-  """--template, else --config.template when given, else the adapter's recorded template(s),
-  else config.template."""
-  if flag:
-    return tuple(flag)
-  recorded = getattr(adapter, "templates", None) or (
-      (adapter.template,) if getattr(adapter, "template", None) else ())
-  if recorded and "template" not in overrides:
-    return tuple(recorded)
-  return (config.template,)
-
-
-def predict(images: Sequence[str], config, adapter_path: str | None = None,
-            model: str | None = None, classes: str | None = None,
-            classes_file: str | None = None, templates: Sequence[str] | None = None,
-            top_k: int = 5, batch_size: int = 32, progress: bool = False,
-            config_given: bool = True, overrides: Iterable[str] = ()) -> dict[str, Any]:
-  """The top-k predictions of every image `images` names, with what produced them (JSON-ready).
-  `config_given`: whether the config names the dataset to take classes from (predict.py: --config
-  or --config.dataset given). `overrides`: the config keys the command line sets, which must not
-  contradict the adapter."""
-  overrides = set(overrides)
-  if top_k <= 0 or batch_size <= 0:
-    raise UserError(f"--top_k={top_k} and --batch_size={batch_size} must be positive integers")
-  paths = inference.image_paths(images)
-  adapter = methods.load_adapter(adapter_path) if adapter_path else None
-  if adapter is not None:
-    methods.check_overrides(adapter, config, overrides)
-  class_names = class_names_for(classes, classes_file, adapter, config, config_given)
-  prompts = templates_for(templates, adapter, config, overrides)
-  if model is None:
-    model = adapter.base_name if adapter is not None and "model" not in overrides else config.model
-  base = base_lib.load_base_model(model, config.random_init, config.seed)
-  classifier = inference.build_classifier(base, adapter, class_names, prompts)
-  probabilities = inference.predict_probabilities(classifier, paths, batch_size, progress)
-  tops = inference.top_classes(probabilities, class_names, top_k)
-  return {"model": base.name, "adapter": adapter_path,
-          "method": adapter.method if adapter is not None else None,
-          "classes": list(class_names), "templates": list(prompts), "top_k": top_k,
-          "predictions": [{"image": path, "top": top} for path, top in zip(paths, tops)]}
-
-
 def main(argv):
   f = cli.start(argv, arguments=True)
   overrides = set(config_flags.get_override_values(flags.FLAGS["config"]))
   with exit_on_user_error():
     if f.output:
       inference.check_output(f.output)
-    result = predict(argv[1:], f.config, f.adapter, f.model, f.classes, f.classes_file,
-                     f.template, f.top_k, f.batch_size, f.progress,
-                     f["config"].present or "dataset" in overrides, overrides)
+    result = inference.predict(argv[1:], f.config, f.adapter, f.model, f.classes,
+                               f.classes_file, f.template, f.top_k, f.batch_size, f.progress,
+                               f["config"].present or "dataset" in overrides, overrides)
   if f.table:
     print(inference.format_table(result["predictions"]))
   if f.output:

@@ -1,11 +1,15 @@
 """Labels your own images with zero-shot CLIP or a trained adapter of any method: the top-k
 classes of each image with their probabilities (predict.py is the command line).
 
-  from clip_lora_jax import base as base_lib, inference, methods
-  adapter = methods.load_adapter("runs/eurosat/adapter.safetensors")
-  base = base_lib.load_base_model(adapter.base_name)
-  classifier = inference.build_classifier(base, adapter, inference.adapter_class_names(adapter),
-                                          [adapter.template])
+  from clip_lora_jax import inference
+  from configs import fewshot
+  result = inference.predict(["photos/", "more/*.jpg"], fewshot.get_config(),
+                             adapter_path="runs/eurosat/adapter.safetensors", top_k=5)
+  print(inference.format_table(result["predictions"]))
+
+or piece by piece (`base` from `base.load_base_model`):
+
+  classifier = inference.build_classifier(base, adapter, class_names, templates)
   probs = inference.predict_probabilities(classifier, inference.image_paths(["photos/"]))
   top = inference.top_classes(probs, classifier.class_names, k=5)
 
@@ -25,11 +29,12 @@ import csv
 import dataclasses
 import glob
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tqdm
 from PIL import Image
@@ -38,7 +43,6 @@ from clip_lora_jax import base as base_lib
 from clip_lora_jax import data, evaluation, files, lora, methods
 from clip_lora_jax.data import train_input
 from clip_lora_jax.errors import UserError
-from clip_lora_jax.methods import feature_cache
 
 CLIP_LOGIT_SCALE = 100.0
 # What a folder's images are recognised by (a file named on the command line may be any).
@@ -111,8 +115,6 @@ def image_batches(paths: Sequence[str], image_size: int, batch_size: int,
   """Preprocessed (batch, size, size, 3) batches of `paths`, each padded with zero images to
   min(batch_size, len(paths)) rows (one compiled shape). Threads load the next batch while the
   current one is scored."""
-  if batch_size <= 0:
-    raise UserError(f"batch_size={batch_size}: must be a positive integer")
   rows = min(batch_size, len(paths))
   chunks = [paths[i:i + rows] for i in range(0, len(paths), rows)]
   with concurrent.futures.ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
@@ -164,6 +166,8 @@ def adapter_class_names(adapter: Any) -> tuple[str, ...]:
 def fixed_class_count(base: base_lib.BaseModel, adapter: Any) -> int | None:
   """How many classes an adapter with its own classifier (a feature-cache method's) scores; None
   when it scores any class names (their embeddings come from the text tower)."""
+  # Imported on use: it brings TensorFlow, which a command failing on its arguments never needs.
+  from clip_lora_jax.methods import feature_cache  # pylint: disable=import-outside-toplevel
   if isinstance(adapter, feature_cache.Adapter):
     return feature_cache.num_classes(base, adapter)
   return None
@@ -232,8 +236,6 @@ def top_classes(probabilities: np.ndarray, class_names: Sequence[str],
                 k: int) -> list[list[dict[str, Any]]]:
   """Per image, its k most probable classes, most probable first: {"class", "index",
   "probability"} (k is capped at the class count)."""
-  if k <= 0:
-    raise UserError(f"top_k={k}: must be a positive integer")
   order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
   return [[{"class": class_names[i], "index": int(i), "probability": float(row[i])}
            for i in top] for row, top in zip(probabilities, order)]
@@ -271,3 +273,64 @@ def format_table(predictions: Sequence[dict[str, Any]]) -> str:
   widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
   return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                    for row in [header, *rows])
+
+
+def class_names_for(classes: str | None, classes_file: str | None, adapter: Any,
+                    config: ml_collections.ConfigDict, config_given: bool) -> tuple[str, ...]:
+  """The class names to score: the command line's, else the adapter's task's, else the
+  explicitly given config's dataset's."""
+  if classes is not None and classes_file is not None:
+    raise UserError("give the class names once: --classes or --classes_file, not both")
+  if classes is not None:
+    return parse_class_list(classes)
+  if classes_file is not None:
+    return read_class_file(classes_file)
+  if adapter is not None:
+    return adapter_class_names(adapter)
+  if config_given:
+    return data.get_dataset(config.dataset).class_names
+  raise UserError("no classes to score: give --classes \"cat,dog\", --classes_file, an "
+                  "--adapter (its task's classes) or a --config naming a dataset")
+
+
+def templates_for(flag: Sequence[str] | None, adapter: Any, config: ml_collections.ConfigDict,
+                  overrides: set[str]) -> tuple[str, ...]:
+  """--template, else --config.template when given, else the adapter's recorded template(s),
+  else config.template."""
+  if flag:
+    return tuple(flag)
+  recorded = getattr(adapter, "templates", None) or (
+      (adapter.template,) if getattr(adapter, "template", None) else ())
+  if recorded and "template" not in overrides:
+    return tuple(recorded)
+  return (config.template,)
+
+
+def predict(images: Sequence[str], config: ml_collections.ConfigDict,
+            adapter_path: str | None = None, model: str | None = None, classes: str | None = None,
+            classes_file: str | None = None, templates: Sequence[str] | None = None,
+            top_k: int = 5, batch_size: int = 32, progress: bool = False,
+            config_given: bool = True, overrides: Iterable[str] = ()) -> dict[str, Any]:
+  """The top-k predictions of every image `images` names, with what produced them (JSON-ready).
+  `config_given`: whether the config names the dataset to take classes from (predict.py: --config
+  or --config.dataset given). `overrides`: the config keys the command line sets, which must not
+  contradict the adapter."""
+  overrides = set(overrides)
+  if top_k <= 0 or batch_size <= 0:
+    raise UserError(f"--top_k={top_k} and --batch_size={batch_size} must be positive integers")
+  paths = image_paths(images)
+  adapter = methods.load_adapter(adapter_path) if adapter_path else None
+  if adapter is not None:
+    methods.check_overrides(adapter, config, overrides)
+  class_names = class_names_for(classes, classes_file, adapter, config, config_given)
+  prompts = templates_for(templates, adapter, config, overrides)
+  if model is None:
+    model = adapter.base_name if adapter is not None and "model" not in overrides else config.model
+  base = base_lib.load_base_model(model, config.random_init, config.seed)
+  classifier = build_classifier(base, adapter, class_names, prompts)
+  probabilities = predict_probabilities(classifier, paths, batch_size, progress)
+  tops = top_classes(probabilities, class_names, top_k)
+  return {"model": base.name, "adapter": adapter_path,
+          "method": adapter.method if adapter is not None else None,
+          "classes": list(class_names), "templates": list(prompts), "top_k": top_k,
+          "predictions": [{"image": path, "top": top} for path, top in zip(paths, tops)]}
