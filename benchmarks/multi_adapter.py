@@ -10,8 +10,9 @@ a random rank-2 CLIP-LoRA adapter (q, k, v, both towers) with 10 classes:
   (a') held  as (a) with the N merged models built beforehand and kept (N copies of the weights);
   (b) single the whole batch through one merged adapter: plain CLIP's cost, the upper bound.
 
-Times are medians of timed runs after warm-up runs (which compile every shape, including each
-task's sub-batch size in (a)). Class embeddings are computed before timing for every variant.
+Times are medians over timed rounds after a warm-up round (which compiles every shape, including
+each task's sub-batch size in (a)); a round runs every variant once, so a change in the machine's
+load hits all alike. Class embeddings are computed before timing, for every variant.
 
   python benchmarks/multi_adapter.py                        # CPU: the `small` architecture
   python benchmarks/multi_adapter.py --shape ViT-B/16 --batch 256   # a GPU
@@ -47,8 +48,8 @@ def parse_args() -> argparse.Namespace:
                       help=f"small, or a named architecture ({', '.join(model.ARCHITECTURES)})")
   parser.add_argument("--tasks", default="1,8,64", help="comma-separated task counts N")
   parser.add_argument("--batch", type=int, default=64, help="images per batch")
-  parser.add_argument("--runs", type=int, default=3, help="timed runs per variant")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant")
+  parser.add_argument("--runs", type=int, default=7, help="timed rounds")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (compilation)")
   return parser.parse_args()
 
 
@@ -64,16 +65,18 @@ def random_adapters(base: base_lib.BaseModel, count: int) -> list[lora.Adapter]:
   return adapters
 
 
-def median_seconds(fn: Callable[[], jax.Array], runs: int, warmup: int) -> float:
-  """Median wall time of `fn` (its result waited for) over `runs` calls after `warmup`."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int,
+                        warmup: int) -> dict[str, float]:
+  """Median wall time of each of `fns` (its result waited for) over `runs` rounds after `warmup`
+  rounds; each round calls every one in turn, so a change in machine load hits all alike."""
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for round_ in range(warmup + runs):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      if round_ >= warmup:
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(base: base_lib.BaseModel, tasks: int, batch: int, runs: int,
@@ -99,12 +102,9 @@ def measure(base: base_lib.BaseModel, tasks: int, batch: int, runs: int,
     return out
 
   single = evaluation.clip_logits_fn(held[next(iter(groups))], base.config, serve.classifiers[0])
-  seconds = {
-      "multi": median_seconds(lambda: serve(images, task_ids), runs, warmup),
-      "merge": median_seconds(lambda: per_task(True), runs, warmup),
-      "held": median_seconds(lambda: per_task(False), runs, warmup),
-      "single": median_seconds(lambda: single(images), runs, warmup),
-  }
+  seconds = interleaved_medians({
+      "multi": lambda: serve(images, task_ids), "merge": lambda: per_task(True),
+      "held": lambda: per_task(False), "single": lambda: single(images)}, runs, warmup)
   return {name: batch / s for name, s in seconds.items()}, len(groups)
 
 

@@ -24,6 +24,7 @@ scaled logits of their own.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
 import dataclasses
@@ -148,7 +149,7 @@ def check_class_names(names: Sequence[str], where: str) -> tuple[str, ...]:
   ambiguous)."""
   if not names:
     raise UserError(f"{where} gives no class names")
-  repeated = sorted({n for n in names if list(names).count(n) > 1})
+  repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
   if repeated:
     raise UserError(f"{where} repeats class names {repeated}; give each class once")
   return tuple(names)

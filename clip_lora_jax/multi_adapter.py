@@ -12,7 +12,7 @@ embeddings are computed once, by its merged text tower (as `methods.lora.logits_
 padded to a common class count; the logits of an example beyond its task's classes are -inf.
 Per example, the logits (cosines, as `methods.logits_fn` gives for the LoRA family) equal those
 of the task's merged single-task model up to float rounding: tests/test_multi_adapter.py checks
-them to 1e-5 (absolute, on cosines in [-1, 1]) in float32.
+them within 1e-5 of the largest logit in float32 (they differ by about 1e-7).
 
   adapters = [lora.load_adapter(p) for p in paths]
   serve = multi_adapter.MultiAdapterClassifier.build(base, adapters, class_names, templates)
