@@ -138,12 +138,12 @@ def parse_flags_or_exit(argv: list[str], exit_code: int = 2,
   sys.exit(exit_code)
 
 
-def start(argv: list[str]) -> flags.FlagValues:
-  """Checks for stray arguments, applies the measured XLA flags and the persistent compilation
-  cache, and quiets absl logging below errors (orbax and TFDS log every step at INFO and
-  deprecations at WARNING; `-v 0` brings them
-  back). Returns the parsed flags."""
-  if len(argv) > 1:
+def start(argv: list[str], arguments: bool = False) -> flags.FlagValues:
+  """Checks for stray arguments (unless the command takes `arguments`, as predict.py its images),
+  applies the measured XLA flags and the persistent compilation cache, and quiets absl logging
+  below errors (orbax and TFDS log every step at INFO and deprecations at WARNING; `-v 0` brings
+  them back). Returns the parsed flags."""
+  if len(argv) > 1 and not arguments:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   xla_flags.use_fast_cpu_flags()
   xla_flags.use_compilation_cache()

@@ -218,7 +218,9 @@ class Dense(nn.Module):
   The pair lives in the `'lora'` collection under this module's path, so base parameters and
   adapters stay separate pytrees and gradients can be taken with respect to the adapter alone.
   An `a` with fewer rows than the input width is shared by equal input chunks (see
-  `sum_input_chunks`).
+  `sum_input_chunks`). Per-example pairs, `a` (B, in, r) and `b` (B, r, out) with B the leading
+  axis of `x`, give each example its own branch (`clip_lora_jax.multi_adapter`: one batch of
+  many adapters' examples; inference only, no dropout).
   """
   features: int
   use_bias: bool = True
@@ -235,6 +237,11 @@ class Dense(nn.Module):
       a = self.get_variable(LORA_COLLECTION, "a")
       b = self.get_variable(LORA_COLLECTION, "b")
       x, a, rate = x.astype(dtype), a.astype(dtype), self.runtime.lora_dropout
+      if a.ndim == 3:
+        if not deterministic and rate > 0:
+          raise ValueError("per-example low-rank pairs serve inference: no dropout")
+        down = jnp.einsum("b...i,bir->b...r", x, a)
+        return y + jnp.einsum("b...r,bro->b...o", down, b.astype(dtype)) * self.runtime.lora_scale
       if deterministic or rate == 0:
         down = jnp.dot(sum_input_chunks(x, a.shape[0]), a)
       else:

@@ -189,16 +189,27 @@ def logits_fn(base: base_lib.BaseModel, adapter: Adapter, class_names: Sequence[
   """images -> class scores of a feature-cache adapter on `base`. Its classes are those it was
   trained on (its classifier is in the file): `class_names` must have as many, and `templates`
   are unused."""
-  from clip_lora_jax import methods  # pylint: disable=import-outside-toplevel  (cycle)
   del templates
-  scores = image_logits_fn(methods.get(adapter.method), base.params, base.config, adapter)
-  probe = jax.eval_shape(scores, jax.ShapeDtypeStruct(
-      (1, base.config.vision.image_size, base.config.vision.image_size, 3), jnp.float32))
-  if probe.shape[-1] != len(class_names):
-    raise UserError(f"the {adapter.method!r} adapter scores {probe.shape[-1]} classes and the "
+  count = num_classes(base, adapter)
+  if count != len(class_names):
+    raise UserError(f"the {adapter.method!r} adapter scores {count} classes and the "
                     f"dataset has {len(class_names)}: evaluate it on the dataset it was trained "
                     f"on ({(adapter.few_shot or {}).get('dataset', 'unknown')})")
-  return scores
+  return _scores(base, adapter)
+
+
+def _scores(base: base_lib.BaseModel, adapter: Adapter) -> Callable[[jax.Array], jax.Array]:
+  """images -> the adapter's class scores on `base`."""
+  from clip_lora_jax import methods  # pylint: disable=import-outside-toplevel  (cycle)
+  return image_logits_fn(methods.get(adapter.method), base.params, base.config, adapter)
+
+
+def num_classes(base: base_lib.BaseModel, adapter: Adapter) -> int:
+  """How many classes the adapter scores: those of the task it was trained on (traced, nothing
+  computed)."""
+  size = base.config.vision.image_size
+  return jax.eval_shape(_scores(base, adapter),
+                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1]
 
 
 def batch_indices(count: int, batch_size: int, seed: int, step: int) -> np.ndarray:
