@@ -23,6 +23,10 @@ hide_unusable_torchvision()  # The torch oracle of these tests needs none of it.
 # results compared with those of the command lines can then be equal to the bit.
 xla_flags.use_fast_cpu_flags()
 
+# Fixtures of the method tests, registered here: a second conftest module would shadow this one
+# for the tests that import it by name.
+pytest_plugins = ["tests.methods.synthetic_tasks"]
+
 # The `tiny` architecture of clip_lora_jax.model, as a transformers config.
 TINY_HF_CONFIG = {
     "projection_dim": 32,

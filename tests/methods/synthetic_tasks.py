@@ -1,5 +1,6 @@
 """Synthetic feature-cache tasks: numpy arrays shaped as `feature_cache.load_task` builds them,
-no model and no data."""
+no model and no data. Its fixtures are registered by tests/conftest.py (a second conftest module
+would shadow the one the other tests import by name)."""
 
 from __future__ import annotations
 
