@@ -191,6 +191,27 @@ def test_cli_names_and_dry_run(tmp_path, capsys):
       "gpus_per_node": 1, "slurm_partition": "gpu", "timeout_min": 60}
 
 
+def test_split_files_and_published_shot_lists_reach_each_cell(tmp_path, capsys):
+  splits = tmp_path / "splits"
+  splits.mkdir()
+  args = ["--methods", "lora", "--protocol", "base_to_novel", "--datasets", "dtd,food101",
+          "--shots", "16", "--seeds", "2", "--root", str(tmp_path / "root"), "--dry_run",
+          "--split_files", str(splits)]
+  with pytest.raises(Exception, match="no split_zhou_DescribableTextures.json there"):
+    cli.main(args)
+  (splits / "split_zhou_DescribableTextures.json").write_text("{}")
+  assert cli.main(args + ["--shot_lists", "/coop/{dataset}/split_fewshot"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  (dtd_train,) = [line for line in lines if "train.py" in line and "dtd/base" in line]
+  (dtd_novel,) = [line for line in lines if "eval.py" in line and "dtd/novel" in line]
+  for line in (dtd_train, dtd_novel):
+    assert f"--config.split_file={splits}/split_zhou_DescribableTextures.json" in line
+  assert "--config.shot_lists=/coop/dtd/split_fewshot " in dtd_train  # the full dataset's draw
+  assert "shot_lists" not in dtd_novel
+  food = [line for line in lines if "food101" in line]
+  assert len(food) == 2 and not any("--config.split_file=" in line for line in food)  # no names
+
+
 def test_submitit_local_executor_runs_a_cell(tmp_path):
   cell = protocols.Cell("zero_shot", "eurosat", 1, 1)
   records = runner.run([cell], settings(tmp_path / "root", tmp_path / "cache"), "submitit",
@@ -198,4 +219,5 @@ def test_submitit_local_executor_runs_a_cell(tmp_path):
   record = records[cell.key]
   assert record["status"] == store.DONE, open(record["log"]).read()[-2000:]
   assert record["peak_rss_mb"] > 0 and 0 <= record["top1"] <= 100
+  assert record["peak_device_memory_mb"] is None  # CPU: no accelerator to report
   assert os.listdir(tmp_path / "root" / "submitit")
