@@ -1,6 +1,6 @@
-"""Every feature-cache method of the registry through train.py's entry point and eval.py, on the
-runlocal config (tiny random CLIP, mock EuroSAT): trains or solves, writes an adapter file that
-eval.py scores exactly as the run did, and round-trips. The LoRA family and LLU have their own
+"""Every feature-cache and prompt-learning method of the registry through train.py's entry point
+and eval.py, on the runlocal config (tiny random CLIP, mock EuroSAT): trains or solves, writes
+an adapter file that eval.py scores exactly as the run did, and round-trips. The LoRA family and LLU have their own
 end-to-end tests (tests/test_train_e2e.py, tests/test_llu_run.py)."""
 
 import json
@@ -11,12 +11,14 @@ import pytest
 
 from clip_lora_jax import methods
 from clip_lora_jax.errors import UserError
-from clip_lora_jax.methods import feature_cache
+from clip_lora_jax.methods import feature_cache, prompt_learning
 from configs import runlocal
 from tests.test_train_e2e import load_eval_module
 
 FEATURE_METHODS = [name for name in methods.METHODS
                    if getattr(methods.get(name), "train_and_evaluate", None) is feature_cache.run]
+PROMPT_METHODS = [name for name in methods.METHODS
+                  if getattr(methods.get(name), "train_and_evaluate", None) is prompt_learning.run]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +34,11 @@ def config_for(name, cache_dir):
   return config
 
 
-def test_the_registry_has_the_feature_methods():
-  assert "zero_shot" in FEATURE_METHODS
+def test_the_registry_has_the_feature_and_prompt_methods():
+  assert "zero_shot" in FEATURE_METHODS and "coop" in PROMPT_METHODS
 
 
-@pytest.mark.parametrize("name", FEATURE_METHODS)
+@pytest.mark.parametrize("name", FEATURE_METHODS + PROMPT_METHODS)
 def test_method_trains_and_eval_py_scores_its_adapter(tmp_path, feature_cache_dir, name):
   config = config_for(name, feature_cache_dir)
   workdir = str(tmp_path / name)

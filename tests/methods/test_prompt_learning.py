@@ -1,0 +1,119 @@
+"""The prompt-learning family (CoOp, CoCoOp, KgCoOp, ProGrad, MaPLe) on a tiny random CLIP: the
+prompt layout and its start, Dassl's schedule, and each method learning a small image task
+through its own train step. End to end through train.py and eval.py: test_every_method.py."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from clip_lora_jax import base as base_lib
+from clip_lora_jax import methods, training
+from clip_lora_jax.errors import UserError
+from clip_lora_jax.methods import coop, prompt_learning
+
+NAMES = ["cat", "sea or lake", "road", "forest"]
+
+
+@pytest.fixture(scope="module")
+def base():
+  return base_lib.load_base_model("tiny", random_init=True)
+
+
+@pytest.fixture(scope="module")
+def images():
+  """8 images of 4 classes: each class a fixed random pattern, plus noise; and their labels."""
+  rng = np.random.default_rng(0)
+  patterns = rng.normal(size=(4, 32, 32, 3))
+  labels = np.tile(np.arange(4), 2)
+  return (jnp.asarray(patterns[labels] + 0.3 * rng.normal(size=(8, 32, 32, 3)), jnp.float32),
+          jnp.asarray(labels, jnp.int32))
+
+
+def frozen_for(base, method, config):
+  """The Frozen inputs of NAMES in the method's layout (zero-shot embeddings where needed)."""
+  from clip_lora_jax import evaluation  # pylint: disable=import-outside-toplevel
+  zero_shot = None
+  if getattr(method, "ZERO_SHOT", False):
+    zero_shot = evaluation.zero_shot_classifier(base.params, base.config, base.tokenizer, NAMES,
+                                                ("a photo of a {}.",))
+  return prompt_learning.make_frozen(base, base.params, NAMES,
+                                     prompt_learning.prompt_template(base.tokenizer, config),
+                                     zero_shot)
+
+
+def test_the_layout_and_start_of_the_context(base):
+  table = np.asarray(base.params["text"]["token_embedding"]["embedding"])
+  words = table[base.tokenizer(["a photo of a"])[0, 1:5]]
+  cases = {(16, ""): "X X X X X X X X X X X X X X X X {}.", (4, "a photo of a"): "a photo of a {}.",
+           (6, "a photo of a"): "X X a photo of a {}.", (2, "a photo of a"): "a photo of a {}."}
+  for (n_ctx, init), template in cases.items():
+    config = coop.Config(n_ctx=n_ctx, init=init)
+    assert prompt_learning.prompt_template(base.tokenizer, config) == template
+    ctx = np.asarray(prompt_learning.init_context(jax.random.key(0), base, config))
+    assert ctx.shape == (n_ctx, base.config.text.width)
+    if not init:
+      assert abs(ctx.std() - 0.02) < 0.002
+    elif n_ctx >= 4:  # zeros, then the words (ProGrad's rule; CoOp's when n_ctx = 4)
+      np.testing.assert_array_equal(ctx, np.concatenate([np.zeros((n_ctx - 4, 48)), words]))
+    else:  # the first words learned, the rest kept as text (MaPLe)
+      np.testing.assert_array_equal(ctx, words[:n_ctx])
+  with pytest.raises(UserError, match="coop.n_ctx=0: must be a positive integer"):
+    coop.Config(n_ctx=0)
+  with pytest.raises(UserError, match=r"unknown coop option\(s\) \['ctx'\]"):
+    coop.Config.from_dict({"ctx": 4})
+
+
+def test_dassl_schedule_warms_up_one_epoch_then_restarts_the_cosine():
+  optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2e-3, min_learning_rate=0.0, schedule="dassl", warmup_epochs=1,
+      warmup_learning_rate=1e-5))
+  schedule = training.learning_rate_schedule(optimizer, 5 * 3, steps_per_epoch=3)
+  got = [float(schedule(step)) for step in range(15)]
+  # Dassl (warmup_recount): epoch 0 at 1e-5, then epoch e at the cosine's value at e - 1 of 5.
+  cosine = [1e-3 * (1 + np.cos(np.pi * e / 5)) for e in range(4)]
+  np.testing.assert_allclose(got, np.repeat([1e-5, *cosine], 3), rtol=1e-6)
+  from configs import coop as coop_config  # pylint: disable=import-outside-toplevel
+  config = coop_config.get_config()
+  training.validate(config)
+  config.optimizer.warmup_epochs = -1
+  with pytest.raises(UserError, match="config.optimizer.warmup_epochs=-1: must be an integer"):
+    training.validate(config)
+
+
+def test_configs_follow_the_official_recipes():
+  from configs import coop as coop_config  # pylint: disable=import-outside-toplevel
+  c = coop_config.get_config("dataset=dtd,shots=8")
+  assert (c.coop.n_ctx, c.coop.init, c.epochs, c.batch_size) == (16, "", 200, 32)
+  assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.momentum,
+          c.optimizer.weight_decay, c.optimizer.warmup_epochs) == ("sgd", 2e-3, 0.9, 5e-4, 1)
+  c = coop_config.get_config("dataset=imagenet,shots=16,ctx=4")
+  assert (c.coop.n_ctx, c.coop.init, c.epochs) == (4, "a photo of a", 50)
+  assert [coop_config.get_config(f"shots={k}").epochs for k in (1, 2, 4, 8, 16)] == [
+      50, 100, 100, 200, 200]
+
+
+LEARNERS = ["coop"]
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_each_method_learns_a_small_task(base, images, name):
+  """Adam at 0.03 (the recipes' SGD at 0.002 needs many epochs): a tiny random CLIP maps the
+  4 classes' images to nearby embeddings, which the learned prompts must tell apart."""
+  method = methods.get(name)
+  config = methods.get(name).Config(**({"n_ctx": 4} if name == "coop" else {}))
+  frozen = frozen_for(base, method, config)
+  params = method.init(jax.random.key(0), base, config)
+  optimizer = optax.adam(0.03)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+  step = prompt_learning.make_train_step(method, config, optimizer)
+  losses = []
+  for _ in range(40):
+    state, step_metrics = step(state, frozen, *images)
+    losses.append(float(step_metrics["loss"]))
+  assert np.isfinite(losses).all()
+  # Well below chance (log 4 = 1.39) and still falling; the batch mostly right.
+  assert losses[-1] < 0.6 * np.log(4) and losses[-1] < losses[-10], losses
+  assert float(step_metrics["accuracy"]) >= 0.75
