@@ -58,6 +58,8 @@ METHODS: dict[str, Method] = {
     "tip_adapter_f": Method("tip_adapter", "tip_adapter_f"),
     "gda": Method("gda", "gda"),
     "coop": Method("coop", "coop"),
+    "kgcoop": Method("kgcoop", "kgcoop"),
+    "prograd": Method("prograd", "prograd"),
 }
 
 
