@@ -60,6 +60,7 @@ METHODS: dict[str, Method] = {
     "coop": Method("coop", "coop"),
     "kgcoop": Method("kgcoop", "kgcoop"),
     "prograd": Method("prograd", "prograd"),
+    "cocoop": Method("cocoop", "cocoop"),
 }
 
 

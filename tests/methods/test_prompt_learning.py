@@ -12,7 +12,7 @@ import pytest
 from clip_lora_jax import base as base_lib
 from clip_lora_jax import methods, training
 from clip_lora_jax.errors import UserError
-from clip_lora_jax.methods import coop, kgcoop, prograd, prompt_learning
+from clip_lora_jax.methods import cocoop, coop, kgcoop, prograd, prompt_learning
 
 NAMES = ["cat", "sea or lake", "road", "forest"]
 
@@ -167,9 +167,29 @@ def test_prograd_lambda_follows_the_official_configs():
     kgcoop.Config(lam=-1)
 
 
+def test_cocoop_batched_step_equals_the_per_image_loop(base, images):
+  """Loss and gradient of a batch of 5 (chunks of 2: a scan over vmapped chunks, and a
+  remainder) against the official way: each image alone through the text tower, averaged."""
+  config = cocoop.Config(images_per_pass=2)
+  frozen = frozen_for(base, cocoop, config)
+  params = cocoop.init(jax.random.key(0), base, config)
+  value_and_grad = jax.jit(jax.value_and_grad(
+      lambda p, x, y: prompt_learning.loss(cocoop, p, frozen, x, y, config)[0]))
+  batch, labels = images[0][:5], images[1][:5]
+  value, grads = value_and_grad(params, batch, labels)
+  each = [value_and_grad(params, batch[i:i + 1], labels[i:i + 1]) for i in range(5)]
+  assert float(value) == pytest.approx(np.mean([float(v) for v, _ in each]), rel=1e-5)
+  mean_grads = jax.tree.map(lambda *g: np.mean(g, axis=0), *[g for _, g in each])
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(mean_grads)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  assert np.abs(grads["meta_net"]["linear1"]["kernel"]).max() > 0
+  with pytest.raises(UserError, match="cocoop.images_per_pass=0: must be a positive integer"):
+    cocoop.Config(images_per_pass=0)
+
+
 # Settings of the learning test: CoOp's 4-token variant, and KgCoOp's guidance weakened (at 8 it
 # holds the tiny model near its zero-shot prompts, whose accuracy is chance).
-LEARNERS = {"coop": {"n_ctx": 4}, "kgcoop": {"lam": 1.0}, "prograd": {}}
+LEARNERS = {"coop": {"n_ctx": 4}, "kgcoop": {"lam": 1.0}, "prograd": {}, "cocoop": {}}
 
 
 @pytest.mark.parametrize("name", LEARNERS)
