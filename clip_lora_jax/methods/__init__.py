@@ -61,6 +61,7 @@ METHODS: dict[str, Method] = {
     "kgcoop": Method("kgcoop", "kgcoop"),
     "prograd": Method("prograd", "prograd"),
     "cocoop": Method("cocoop", "cocoop"),
+    "maple": Method("maple", "maple"),
 }
 
 

@@ -12,7 +12,8 @@ import pytest
 from clip_lora_jax import base as base_lib
 from clip_lora_jax import methods, training
 from clip_lora_jax.errors import UserError
-from clip_lora_jax.methods import cocoop, coop, kgcoop, prograd, prompt_learning
+from clip_lora_jax import model
+from clip_lora_jax.methods import cocoop, coop, kgcoop, maple, prograd, prompt_learning
 
 NAMES = ["cat", "sea or lake", "road", "forest"]
 
@@ -187,9 +188,31 @@ def test_cocoop_batched_step_equals_the_per_image_loop(base, images):
     cocoop.Config(images_per_pass=0)
 
 
+def test_maple_parameters_and_vision_prompts():
+  """3.55M parameters for ViT-B/16 (the paper's count); the vision prompts are the text ones
+  through their own linear maps, the J - 1 deep maps starting equal (the official clones)."""
+  vit = base_lib.BaseModel("ViT-B/16", model.get_config("ViT-B/16"), None, None)
+  shapes = jax.eval_shape(lambda: maple.init(jax.random.key(0), vit, maple.Config(init="")))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 3_555_072
+  assert shapes["deep"].shape == (8, 2, 512) and shapes["deep_proj"]["kernel"].shape == (
+      8, 512, 768)
+  params = jax.tree.map(np.asarray, maple.init(jax.random.key(0), base_lib.BaseModel(
+      "tiny-12", model.get_config("tiny-12"), None, None), maple.Config(init="", depth=4)))
+  np.testing.assert_array_equal(params["deep_proj"]["kernel"][0], params["deep_proj"]["kernel"][2])
+  prompts_ = maple.vision_prompts(params)
+  np.testing.assert_allclose(prompts_.tokens, params["ctx"] @ params["proj"]["kernel"]
+                             + params["proj"]["bias"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(prompts_.deep[1], params["deep"][1] @ params["deep_proj"]["kernel"][1]
+                             + params["deep_proj"]["bias"][1], rtol=1e-6, atol=1e-6)
+  assert "deep" not in maple.init(jax.random.key(0), vit, maple.Config(init="", depth=1))
+  with pytest.raises(UserError, match="maple.depth=9: the base has 2 blocks per tower"):
+    maple.Config().check_model(model.get_config("tiny"))
+
+
 # Settings of the learning test: CoOp's 4-token variant, and KgCoOp's guidance weakened (at 8 it
 # holds the tiny model near its zero-shot prompts, whose accuracy is chance).
-LEARNERS = {"coop": {"n_ctx": 4}, "kgcoop": {"lam": 1.0}, "prograd": {}, "cocoop": {}}
+LEARNERS = {"coop": {"n_ctx": 4}, "kgcoop": {"lam": 1.0}, "prograd": {}, "cocoop": {},
+             "maple": {"depth": 2}}
 
 
 @pytest.mark.parametrize("name", LEARNERS)
