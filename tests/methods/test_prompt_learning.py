@@ -234,3 +234,15 @@ def test_each_method_learns_a_small_task(base, images, name):
   # Less than half its start and still falling; the batch mostly right (chance: 1/4).
   assert losses[-1] < 0.5 * losses[0] and losses[-1] < losses[-10], losses
   assert float(step_metrics["accuracy"]) >= 0.75
+
+
+def test_the_prompt_methods_benchmark_runs(tmp_path):
+  """Its prompt-learning rows (the CLIP-LoRA row is `benchmarks.train_step`'s step, which
+  tests/test_gpu_benchmark.py runs: 10 s more of compilation here)."""
+  from benchmarks import prompt_methods  # pylint: disable=import-outside-toplevel
+  rows = prompt_methods.main(["--shape", "tiny", "--batch", "2", "--classes", "3", "--steps", "1",
+                              "--warmup", "0", "--methods", "coop,maple",
+                              "--json", str(tmp_path / "rows.json")])
+  assert [row["method"] for row in rows] == ["coop", "maple"]
+  assert all(row["step_s"] > 0 and np.isfinite(row["loss"]) for row in rows)
+  assert rows[0]["trainable"] == 16 * 48 and (tmp_path / "rows.json").exists()
