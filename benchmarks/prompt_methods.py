@@ -11,8 +11,9 @@ a fixed synthetic batch of float images (the input pipeline is not measured):
 * maple: depth 9 (or the towers' depth if smaller), 2 tokens: both towers back-propagate;
 * cocoop, kgcoop, prograd on request (`--methods`).
 
-The first call (compilation included) is reported apart; then `--warmup` steps, then the median
-of `--steps` blocking steps.
+The first call (compilation included) is reported apart; then `--warmup` + `--steps` rounds of
+one blocking step of each method in turn (a shared CPU's varying load weighs on all alike), and
+the median of the last `--steps` of each.
 
   python benchmarks/prompt_methods.py --shape ViT-B/16 --batch 8 --classes 10   # README table
   python benchmarks/prompt_methods.py --shape tiny --batch 4 --classes 4 --steps 1 --warmup 0
@@ -79,25 +80,32 @@ def lora_step(base: Any, token_ids: Any, images: Any, labels: Any) -> tuple[Any,
           lora.num_parameters(state["lora"]))
 
 
-def time_method(name: str, base: Any, names: list[str], token_ids: Any, images: Any,
-                labels: Any, steps: int, warmup: int) -> dict[str, Any]:
-  """{'method', 'first_s' (compilation included), 'step_s' (median), 'trainable'}."""
+def time_methods(names: list[str], base: Any, class_names: list[str], token_ids: Any,
+                 images: Any, labels: Any, steps: int, warmup: int) -> list[dict[str, Any]]:
+  """[{'method', 'first_s' (compilation included), 'step_s' (median), 'trainable', 'loss'}]:
+  every method's first call, then `warmup` + `steps` rounds of one step of each method in turn,
+  so that a load varying over time (a shared CPU) weighs on every method alike."""
   import jax  # pylint: disable=import-outside-toplevel
-  if name == "lora":
-    run, state, trainable = lora_step(base, token_ids, images, labels)
-  else:
-    run, state, trainable = prompt_step(name, base, names, images, labels)
-  tick = time.perf_counter()
-  state, _ = jax.block_until_ready(run(state))
-  first = time.perf_counter() - tick
-  times = []
-  for i in range(warmup + steps):
+  runs, states, rows = {}, {}, {}
+  for name in names:
+    if name == "lora":
+      runs[name], state, trainable = lora_step(base, token_ids, images, labels)
+    else:
+      runs[name], state, trainable = prompt_step(name, base, class_names, images, labels)
     tick = time.perf_counter()
-    state, step_metrics = jax.block_until_ready(run(state))
-    if i >= warmup:
-      times.append(time.perf_counter() - tick)
-  return {"method": name, "first_s": first, "step_s": statistics.median(times),
-          "trainable": trainable, "loss": float(step_metrics["loss"])}
+    states[name], _ = jax.block_until_ready(runs[name](state))
+    rows[name] = {"method": name, "first_s": time.perf_counter() - tick, "times": [],
+                  "trainable": trainable}
+  for round_ in range(warmup + steps):
+    for name in names:
+      tick = time.perf_counter()
+      states[name], step_metrics = jax.block_until_ready(runs[name](states[name]))
+      if round_ >= warmup:
+        rows[name]["times"].append(time.perf_counter() - tick)
+      rows[name]["loss"] = float(step_metrics["loss"])
+  for row in rows.values():
+    row["step_s"] = statistics.median(row["times"])
+  return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -129,16 +137,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   rng = np.random.default_rng(0)
   images = jax.device_put(rng.standard_normal((args.batch, size, size, 3), np.float32))
   labels = jax.device_put((np.arange(args.batch) % args.classes).astype(np.int32))
-  rows = []
   print(f"{args.shape}, batch {args.batch}, {args.classes} classes, {jax.devices()[0].platform}; "
         f"median of {args.steps} steps after {args.warmup}", flush=True)
   print("| method | trainable | first call (s, compile included) | s / step |", flush=True)
   print("| --- | ---: | ---: | ---: |", flush=True)
-  for name in chosen:
-    row = time_method(name, base, names, token_ids, images, labels, args.steps, args.warmup)
-    rows.append(row)
-    print(f"| {name} | {row['trainable']:,} | {row['first_s']:.1f} | {row['step_s']:.3f} |",
-          flush=True)
+  rows = time_methods(chosen, base, names, token_ids, images, labels, args.steps, args.warmup)
+  for row in rows:
+    print(f"| {row['method']} | {row['trainable']:,} | {row['first_s']:.1f} | "
+          f"{row['step_s']:.3f} |", flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"args": vars(args), "rows": rows}, f, indent=1)
