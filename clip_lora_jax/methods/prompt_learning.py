@@ -224,7 +224,40 @@ def image_logits_fn(method: ModuleType, config: PromptConfig, params: Params,
   return functools.partial(_image_logits, method, config, params, frozen, text)
 
 
-def logits_fn(base: base_lib.BaseModel, adapter: feature_cache.Adapter,
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """A trained prompt learner: its learned tensors (`params`), settings, the identity of its
+  base, its few-shot data and its prompt text (`templates`: one, '{}' for the class name).
+  Unlike a feature-cache adapter it scores any class names. Its file is a feature-cache file
+  (`feature_cache.save_adapter`: tensors, settings, base identity, templates)."""
+  method: str
+  params: Params
+  config: PromptConfig
+  base_name: str
+  base_config: model.CLIPConfig
+  base_fingerprint: str
+  few_shot: dict[str, Any] | None
+  templates: tuple[str, ...]
+
+  @property
+  def template(self) -> str:
+    """The prompt text the learned tokens go into."""
+    return self.templates[0]
+
+
+save_adapter = feature_cache.save_adapter
+
+
+def load_adapter(path: str) -> Adapter:
+  """Reads a file written by `save_adapter`."""
+  read = feature_cache.load_adapter(path)
+  if len(read.templates) != 1:
+    raise UserError(f"{path!r} records {len(read.templates)} prompt texts; a prompt learner's "
+                    "file holds one")
+  return Adapter(**{f.name: getattr(read, f.name) for f in dataclasses.fields(read)})
+
+
+def logits_fn(base: base_lib.BaseModel, adapter: Adapter,
               class_names: Sequence[str], templates: Sequence[str]
               ) -> Callable[[jax.Array], jax.Array]:
   """images -> class scores of a prompt-learning adapter on `base`, for any `class_names`: the
@@ -234,8 +267,6 @@ def logits_fn(base: base_lib.BaseModel, adapter: feature_cache.Adapter,
   frozen = make_frozen(base, base.params, class_names, adapter.template)
   return image_logits_fn(methods.get(adapter.method), adapter.config, adapter.params, frozen)
 
-
-load_adapter = feature_cache.load_adapter
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
@@ -291,11 +322,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
                            training.learning_rate_schedule(config.optimizer, run_.steps, epoch),
                            run_.steps, desc=f"{config.method} {spec.name} {config.shots}-shot",
                            validation=validation)
-      adapter = feature_cache.Adapter(config.method, jax.device_get(state["params"]),
-                                      method_config, base.name, base.config, base.fingerprint,
-                                      run_.few_shot, (template,))
+      adapter = Adapter(config.method, jax.device_get(state["params"]), method_config, base.name,
+                        base.config, base.fingerprint, run_.few_shot, (template,))
       if run_.lead:
-        feature_cache.save_adapter(os.path.join(workdir, workdirs.ADAPTER_FILE), adapter)
+        save_adapter(os.path.join(workdir, workdirs.ADAPTER_FILE), adapter)
       test = run_.test_accuracy(image_logits_fn(method, method_config, state["params"], frozen))
       writer.write(run_.steps, {f"test/{k}": v for k, v in test.items()})
   return run_.finish(feature_cache.num_parameters(adapter.params), test)

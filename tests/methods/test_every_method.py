@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from clip_lora_jax import methods
+from clip_lora_jax import base as base_lib
+from clip_lora_jax import inference, methods
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.methods import feature_cache, prompt_learning
 from configs import runlocal
@@ -55,6 +56,12 @@ def test_method_trains_and_eval_py_scores_its_adapter(tmp_path, feature_cache_di
   evaluated = load_eval_module().evaluate(config_for(name, feature_cache_dir), path, "test", "auto")
   assert evaluated["top1"] == pytest.approx(results["test_top1"])
   assert evaluated["count"] == results["test_count"]
+
+  if name in PROMPT_METHODS:  # learned prompts serve any class names (predict.py's classes)
+    base = base_lib.load_base_model(config.model, config.random_init, config.seed)
+    assert inference.fixed_class_count(base, adapter) is None
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    assert methods.logits_fn(base, adapter, ["cat", "dog", "bird"], ())(images).shape == (2, 3)
 
   feature_cache.save_adapter(str(tmp_path / "again.safetensors"), adapter)
   assert open(tmp_path / "again.safetensors", "rb").read() == open(path, "rb").read()
