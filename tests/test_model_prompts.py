@@ -14,10 +14,10 @@ import pytest
 from clip_lora_jax import evaluation, model, prompts
 from clip_lora_jax.tokenizer import load_tokenizer
 
-# `tiny` with 4 blocks per tower (patches of 16): plain, prompted and pooled blocks all occur.
+# `tiny` with 3 blocks per tower (patches of 16): plain, prompted and pooled blocks all occur.
 TINY = model.get_config("tiny")
-CONFIG = dataclasses.replace(TINY, vision=dataclasses.replace(TINY.vision, layers=4, patch_size=16),
-                             text=dataclasses.replace(TINY.text, layers=4))
+CONFIG = dataclasses.replace(TINY, vision=dataclasses.replace(TINY.vision, layers=3, patch_size=16),
+                             text=dataclasses.replace(TINY.text, layers=3))
 ATOL = 1e-5
 NAMES = ["cat", "sea or lake", "annual crop land", "a"]
 
@@ -127,7 +127,7 @@ def test_the_template_own_embeddings_as_context_give_zero_shot_clip(params, toke
 
 
 def test_deep_prompts_equal_the_reference_in_both_towers(params, tokenizer):
-  n, depth = 2, 3  # blocks 1 and 2 of 4 prompted
+  n, depth = 2, 2  # of blocks 0, 1 and 2 (pooling), block 1 prompted
   ids = jnp.asarray(prompts.class_prompt_ids(tokenizer, NAMES, "X X of a {}."))
   images = jax.random.normal(jax.random.key(3), (3, 32, 32, 3))
   text = {"tokens": random(4, n, CONFIG.text.width),
@@ -152,12 +152,12 @@ def test_deep_prompts_equal_the_reference_in_both_towers(params, tokenizer):
     assert_close_gradients(got, want)
 
   # Deep prompts down to the last (pooling) block.
-  deepest = {**vision, "deep": random(10, 3, n, CONFIG.vision.width)}
+  deepest = {**vision, "deep": random(10, 2, n, CONFIG.vision.width)}
   np.testing.assert_allclose(ours_image(deepest), ref_image(deepest), rtol=0, atol=ATOL)
 
 
 def test_more_deep_prompts_than_blocks_are_refused(params):
   images = jnp.zeros((1, 32, 32, 3))
-  too_deep = model.Prompts(jnp.zeros((2, 64)), jnp.zeros((4, 2, 64)))
-  with pytest.raises(ValueError, match="4 deep prompt layers for a tower of 4 blocks"):
+  too_deep = model.Prompts(jnp.zeros((2, 64)), jnp.zeros((3, 2, 64)))
+  with pytest.raises(ValueError, match="3 deep prompt layers for a tower of 3 blocks"):
     model.encode_images(params, images, CONFIG, prompts=too_deep)
