@@ -25,7 +25,8 @@ from ml_collections import config_flags
 with cli.quiet_imports(sys.argv):
   import jax.numpy as jnp
   from clip_lora_jax import base as base_lib
-  from clip_lora_jax import checkpoints, data, evaluation, files, lora, methods, training
+  from clip_lora_jax import (checkpoints, data, evaluation, files, lora, methods, sharding,
+                             training)
   # TensorFlow comes with TFDS: its C++ import notice is silenced here, whatever the method.
   from clip_lora_jax.data import source  # noqa: F401  pylint: disable=unused-import
 from clip_lora_jax.errors import exit_on_user_error
@@ -106,7 +107,8 @@ def evaluate(config, adapter_path: str | None, split: str, choice: str,
     total = data.num_examples(spec, split, data_dir=config.data_dir, split_file=config.split_file)
     result = evaluation.evaluate(logits_fn, batches, total, config.progress)
   return {"dataset": spec.name, "split": split, "model": base.name, "adapter": adapter_path,
-          "templates": list(templates), **result}
+          "templates": list(templates), **result,
+          "peak_device_memory_mb": sharding.peak_device_memory_mb()}
 
 
 def main(argv):

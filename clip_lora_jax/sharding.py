@@ -123,3 +123,12 @@ def on_host():
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
   """Places host arrays identical on every process as replicated global arrays."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def peak_device_memory_mb() -> float | None:
+  """The largest peak of memory in use among this process's accelerators (MiB) since it
+  started, as their allocators report it; None where they report none (CPU)."""
+  peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use")
+           for device in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) / 2**20 if peaks else None

@@ -96,6 +96,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"--data_dir {config.data_dir}")
   if config.get("split_file") is not None and not os.path.isfile(config.split_file):
     raise UserError(f"config.split_file={config.split_file!r} is not a file")
+  if config.get("shot_lists") is not None and not os.path.isdir(config.shot_lists):
+    raise UserError(f"config.shot_lists={config.shot_lists!r} is not a directory (one holding "
+                    "shot_<K>-seed_<S>.json or .pkl lists of shots)")
 
 
 SCHEDULES = ("cosine", "dassl")
@@ -274,6 +277,13 @@ class Run:
     c = self.config
     return {"dataset": self.spec.name, "shots": c.shots, "seed": c.seed, "sampler": c.sampler}
 
+  def load_few_shot(self) -> data.FewShotSet:
+    """The run's K-shot training images and validation shots (`data.load_few_shot`)."""
+    c = self.config
+    return data.load_few_shot(self.spec, c.shots, c.seed, data_dir=c.data_dir,
+                              split_file=c.split_file, cache_dir=c.cache_dir, sampler=c.sampler,
+                              shot_lists=c.get("shot_lists"))
+
   def test_accuracy(self, logits_fn: Callable[[jax.Array], jax.Array]) -> dict[str, float]:
     """Top-1 / top-5 of `logits_fn` on the dataset's test split (progress bar on process 0)."""
     c = self.config
@@ -288,13 +298,15 @@ class Run:
 
   def finish(self, trainable_parameters: int, test: dict[str, float],
              steps: int | None = None) -> dict[str, Any]:
-    """The run's results (`steps` trained: `self.steps` unless given); written to
-    `results.json` by process 0 (the last file a run writes)."""
+    """The run's results (`steps` trained: `self.steps` unless given; the accelerator memory
+    peak of this process, None on CPU); written to `results.json` by process 0 (the last file a
+    run writes)."""
     c = self.config
     results = {"method": c.method, "dataset": self.spec.name, "shots": c.shots, "seed": c.seed,
                "model": self.base.name, "steps": self.steps if steps is None else steps,
                "trainable_parameters": trainable_parameters,
-               **{f"test_{k}": v for k, v in test.items()}}
+               **{f"test_{k}": v for k, v in test.items()},
+               "peak_device_memory_mb": sharding.peak_device_memory_mb()}
     if self.lead:
       files.write_json(os.path.join(self.workdir, workdirs.RESULTS_FILE), results)
     return results
@@ -311,7 +323,8 @@ def resolve(config: ml_collections.ConfigDict) -> data.DatasetSpec:
     raise UserError(f"config.mock_data=True would replace {spec.name} by random examples; set "
                     "--config.mock_data=False to train on these images")
   with config.unlocked():
-    config.sampler = data.resolve_sampler(spec, config.split_file, config.get("sampler"))
+    config.sampler = data.resolve_sampler(spec, config.split_file, config.get("sampler"),
+                                          config.get("shot_lists"))
     if spec.builder_config is not None:
       config.dataset_digest = spec.builder_config.name
   return spec

@@ -34,9 +34,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (default: the folder names, underscores as spaces).
   c.class_names_file = ml_collections.config_dict.placeholder(str)
   # Few-shot sampler: "reference" (the official code's images for this seed: with a split file,
-  # and for ImageNet and FGVC-Aircraft) or "numpy"; unset: "reference" wherever it applies. The
-  # run records the one it used (config.json, adapter).
+  # and for ImageNet and FGVC-Aircraft), "numpy", or "lists" (the published lists of shot_lists);
+  # unset: "lists" with shot_lists, else "reference" wherever it applies. The run records the one
+  # it used (config.json, adapter).
   c.sampler = ml_collections.config_dict.placeholder(str)
+  # A directory of published few-shot lists, shot_<K>-seed_<S>.json ({"train": [[path, label,
+  # class name], ...], "val": [...]}) or CoOp's split_fewshot/shot_<K>-seed_<S>.pkl.
+  c.shot_lists = ml_collections.config_dict.placeholder(str)
   c.cache_dir = ml_collections.config_dict.placeholder(str)  # Decoded few-shot subsets.
 
   c.lora = ml_collections.ConfigDict(dict(

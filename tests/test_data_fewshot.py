@@ -13,6 +13,8 @@ import io
 import json
 import math
 import os
+import pickle
+import sys
 import warnings
 
 import numpy as np
@@ -516,3 +518,112 @@ def test_reference_sampler_picks_the_reference_files_of_an_image_folder(image_fo
   with pytest.raises(UserError, match=r"^1 toy_folder classes have fewer than the 21 training "
                                       r"images .*: n01_tench \(20\); use sampler='numpy'"):
     sampling.choose(spec, 17, 1, data_dir)
+
+
+# Published per-seed lists of shots (CoOp's split_fewshot/shot_K-seed_S.pkl, or JSON lists).
+
+
+def published_list(shots: int, seed: int) -> dict[str, list[list]]:
+  """A K-shot list as a follow-up work publishes one: an arbitrary draw (repeats allowed) from
+  the wide toy split, in no particular order."""
+  rng = np.random.default_rng(100 * shots + seed)
+  train = toy_examples("train", "wide")
+  content = {"train": [], "val": []}
+  for label in (3, 0, 2, 1, 4):
+    names = [name for _, l, name in train if l == label]
+    picked = rng.choice(len(names), shots + min(shots, 4), replace=len(names) < shots + 4)
+    content["train"] += [[names[i], label, CLASSES[label]] for i in picked[:shots]]
+    content["val"] += [[names[i], label, CLASSES[label]] for i in picked[shots:]]
+  return content
+
+
+class Datum:
+  """Dassl's `Datum` as CoOp pickles it (attributes only)."""
+
+  def __init__(self, impath: str, label: int, classname: str):
+    self._impath, self._label, self._domain, self._classname = impath, label, 0, classname
+
+
+def write_coop_pickle(path, content: dict[str, list[list]], prefix: str) -> None:
+  """`content` as CoOp's cache of a draw: {"train": [Datum], "val": [Datum]}, absolute paths;
+  Datum pickled under Dassl's module name (stand-in modules while pickling)."""
+  names = ("dassl", "dassl.data", "dassl.data.datasets", "dassl.data.datasets.base_dataset")
+  saved = {name: sys.modules.get(name) for name in names}
+  sys.modules.update({name: type(sys)(name) for name in names})
+  sys.modules[names[-1]].Datum = Datum
+  Datum.__module__ = names[-1]
+  try:
+    with open(path, "wb") as f:
+      pickle.dump({role: [Datum(f"{prefix}/{p}", label, name) for p, label, name in entries]
+                   for role, entries in content.items()}, f, protocol=pickle.HIGHEST_PROTOCOL)
+  finally:
+    for name, module in saved.items():
+      if module is None:
+        del sys.modules[name]
+      else:
+        sys.modules[name] = module
+
+
+@pytest.mark.parametrize("form", ["json", "pkl"])
+def test_published_lists_give_exactly_their_shots_in_order(data_dir, tmp_path, form):
+  spec = toy_spec("wide")
+  tfds_builder = source.builder(spec, data_dir)
+  lists = tmp_path / "split_fewshot"
+  lists.mkdir()
+  for shots, seed in ((1, 1), (4, 2), (16, 3)):
+    content = published_list(shots, seed)
+    if form == "json":
+      write_content(lists / f"shot_{shots}-seed_{seed}.json", content)
+    else:
+      write_coop_pickle(lists / f"shot_{shots}-seed_{seed}.pkl", content,
+                        "/home/someone/data/toy/images")
+    choice = sampling.choose(spec, shots, seed, data_dir, shot_lists=str(lists))
+    assert choice.sampler == "lists"
+    for role, examples in (("train", choice.train), ("val", choice.val)):
+      assert splits.split_file_keys(spec, tfds_builder, examples) == [
+          entry[0] for entry in content[role]], (shots, seed, role)
+      assert examples.label.tolist() == [entry[1] for entry in content[role]]
+  few = few_shot(spec, 4, 2, data_dir, shot_lists=str(lists))
+  assert [image_id(i) for i in few.images] == [
+      file_id(e[0]) for e in published_list(4, 2)["train"]]
+
+
+def test_published_lists_are_checked_and_cached_by_content(data_dir, tmp_path, cache_dir):
+  spec = toy_spec("wide")
+  lists = tmp_path / "lists"
+  lists.mkdir()
+  content = published_list(2, 1)
+  write_content(lists / "shot_2-seed_1.json", content)
+  with pytest.raises(UserError, match=r"no list for 4 shots and seed 1 .*holds shot_2-seed_1"):
+    sampling.choose(spec, 4, 1, data_dir, shot_lists=str(lists))
+  with pytest.raises(UserError, match="the 'lists' sampler reads the shots"):
+    sampling.choose(spec, 2, 1, data_dir, sampler="numpy", shot_lists=str(lists))
+  with pytest.raises(UserError, match="is not a 4-shot list: .* zero \\(2\\)"):
+    write_content(lists / "shot_4-seed_1.json", content)
+    sampling.choose(spec, 4, 1, data_dir, shot_lists=str(lists))
+  gone = {role: list(entries) for role, entries in content.items()}
+  gone["train"][0] = ["/elsewhere/three/gone.png", 3, "three"]
+  write_content(lists / "shot_2-seed_2.json", gone)
+  with pytest.raises(UserError, match=r"^1 of the images of shot list .*: "
+                                      r"/elsewhere/three/gone.png; is this a list of toy"):
+    sampling.choose(spec, 2, 2, data_dir, shot_lists=str(lists))
+  first = few_shot(spec, 2, 1, data_dir, shot_lists=str(lists))
+  content["train"][0], content["train"][1] = content["train"][1], content["train"][0]
+  write_content(lists / "shot_2-seed_1.json", content)
+  second = few_shot(spec, 2, 1, data_dir, shot_lists=str(lists))
+  assert second.images[:2] == first.images[1::-1]  # a changed list is not served from the cache
+
+
+def test_a_pickle_that_holds_anything_but_datums_is_refused_unrun(tmp_path):
+  class Payload:
+    def __reduce__(self):
+      return (os.remove, (str(tmp_path / "victim"),))
+
+  (tmp_path / "victim").write_text("still here")
+  lists = tmp_path / "lists"
+  lists.mkdir()
+  with open(lists / "shot_1-seed_1.pkl", "wb") as f:
+    pickle.dump({"train": [Payload()], "val": []}, f)
+  with pytest.raises(UserError, match="names posix.remove, which a list of Dassl Datum"):
+    sampling.read_shot_list(str(lists / "shot_1-seed_1.pkl"))
+  assert (tmp_path / "victim").read_text() == "still here"

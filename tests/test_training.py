@@ -128,6 +128,17 @@ def test_sampler_is_resolved_before_anything_is_written(tmp_path):
   assert not os.path.exists(tmp_path / "run")
 
 
+def test_published_shot_lists_select_their_sampler_and_are_checked_first(tmp_path):
+  config = fewshot.get_config()
+  config.shot_lists = str(tmp_path / "missing")
+  with pytest.raises(UserError, match="config.shot_lists=.* is not a directory"):
+    training.start_run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+  config.shot_lists = str(tmp_path)
+  training.resolve(config)
+  assert config.sampler == "lists"
+
+
 def test_bad_lora_section_is_a_user_error():
   config = fewshot.get_config()
   config.lora.rank = 0

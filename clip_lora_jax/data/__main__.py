@@ -43,7 +43,8 @@ def print_choice(spec: DatasetSpec, data_dir: str | None, choice: sampling.Choic
                  seed: int, list_files: bool) -> None:
   """Prints which sampler chose a few-shot set and how many images it holds; with `list_files`,
   the chosen images themselves (see the module docstring)."""
-  whose = "the reference code's" if choice.sampler == sampling.REFERENCE else "not the reference's"
+  whose = {sampling.REFERENCE: "the reference code's", sampling.LISTS: "the published list's"
+           }.get(choice.sampler, "not the reference's")
   print(f"  {shots}-shot, seed {seed}: sampler {choice.sampler} ({whose} choice), "
         f"{len(choice.train)} train and {len(choice.val)} val images")
   if not list_files:
@@ -204,6 +205,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="also choose the K-shot set (and validation shots) of a run")
   info_parser.add_argument("--seed", type=int, metavar="S",
                            help=f"with --shots: the run's seed (default {_DEFAULT_SEED})")
+  info_parser.add_argument("--shot_lists", metavar="DIR",
+                           help="with --shots: a directory of published shot_<K>-seed_<S>.json "
+                                "(or CoOp .pkl) lists to read the shots from")
   info_parser.add_argument("--sampler", choices=sampling.SAMPLERS,
                            help="with --shots: the run's sampler (default: the reference's "
                                 "wherever it can be reproduced, as in a run)")
@@ -216,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = _parser()
   args = parser.parse_args(argv)
   if args.command == "info" and args.shots is None and (
-      args.seed is not None or args.sampler or args.list_files):
-    parser.error("--seed, --sampler and --list need --shots")
+      args.seed is not None or args.sampler or args.list_files or args.shot_lists):
+    parser.error("--seed, --sampler, --shot_lists and --list need --shots")
   with exit_on_user_error():
     spec = registry.get_dataset(args.name, args.class_names_file)
     if args.command == "prepare":
@@ -227,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       choice = None  # chosen first, so that a bad request prints nothing but its error
       if args.shots is not None:
         choice = sampling.choose(spec, args.shots, seed, args.data_dir, args.split_file,
-                                 sampler=args.sampler)
+                                 sampler=args.sampler, shot_lists=args.shot_lists)
       info(spec, args.data_dir, args.split_file)
       if choice is not None:
         print_choice(spec, args.data_dir, choice, args.shots, seed, args.list_files)

@@ -8,7 +8,7 @@ A corrupt chosen image is an error that names it (re-prepare the dataset), never
 skipped image would silently change K.
 
 The result is cached in `cache_dir` as an .npz keyed by the prepared dataset, the benchmark
-definition, the split file's content, K, the seed and the sampler; it is written through a
+definition, the split file's and shot list's content, K, the seed and the sampler; it is written through a
 temporary file and a rename, so concurrent runs never read half a file.
 """
 
@@ -87,8 +87,10 @@ def _load(path: str) -> FewShotSet:
 
 
 def _sample(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None,
-            split_file: str | None, cache_dir: str | None, sampler: str) -> FewShotSet:
-  choice = sampling.choose(spec, shots, seed, data_dir, split_file, cache_dir, sampler)
+            split_file: str | None, cache_dir: str | None, sampler: str,
+            shot_lists: str | None) -> FewShotSet:
+  choice = sampling.choose(spec, shots, seed, data_dir, split_file, cache_dir, sampler,
+                           shot_lists)
   chosen = splits.Examples.concatenate([choice.train, choice.val])
   images = _read_images(spec, data_dir, chosen)
   _check_decodable(spec, chosen, images)
@@ -99,7 +101,7 @@ def _sample(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None,
 
 def load_few_shot(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None = None,
                   split_file: str | None = None, cache_dir: str | None = None,
-                  sampler: str | None = None) -> FewShotSet:
+                  sampler: str | None = None, shot_lists: str | None = None) -> FewShotSet:
   """The `shots`-shot training set of `spec` for `seed` (see the module docstring).
 
   Args:
@@ -109,28 +111,32 @@ def load_few_shot(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None
     data_dir: TFDS data directory (TFDS's default when None).
     split_file: the protocol's `split_zhou_<Dataset>.json`, to sample from its exact splits.
     cache_dir: where to cache the set (`source.default_cache_dir()` when None).
-    sampler: `sampling.REFERENCE` or `sampling.NUMPY`; None for `sampling.resolve_sampler`'s
-      default (the reference's choice wherever it can be reproduced).
+    sampler: `sampling.REFERENCE`, `sampling.NUMPY` or `sampling.LISTS`; None for
+      `sampling.resolve_sampler`'s default (the published lists when `shot_lists` is given, else
+      the reference's choice wherever it can be reproduced).
+    shot_lists: a directory of published lists of shots (`sampling.shot_list_file`).
   """
   subset = spec.subset_of
   if subset is not None and subset.same_examples:  # The dataset's draw, then its classes (CoCoOp).
     few = load_few_shot(registry.get_dataset(subset.dataset), shots, seed, data_dir, split_file,
-                        cache_dir, sampler)
+                        cache_dir, sampler, shot_lists)
     labels, val_labels = subset.relabel(few.labels), subset.relabel(few.val_labels)
     return FewShotSet([image for image, label in zip(few.images, labels) if label >= 0],
                       labels[labels >= 0],
                       [image for image, label in zip(few.val_images, val_labels) if label >= 0],
                       val_labels[val_labels >= 0], spec.num_classes)
-  sampler = sampling.resolve_sampler(spec, split_file, sampler)
+  sampler = sampling.resolve_sampler(spec, split_file, sampler, shot_lists)
   tfds_builder = source.builder(spec, data_dir)
   if not tfds_builder.is_prepared():  # e.g. tfds.testing.mock_data: nothing worth caching.
-    return _sample(spec, shots, seed, data_dir, split_file, cache_dir, sampler)
+    return _sample(spec, shots, seed, data_dir, split_file, cache_dir, sampler, shot_lists)
+  listed = (splits.split_file_digest(sampling.shot_list_file(shot_lists, shots, seed))
+            if shot_lists is not None else "")
   cache = source.cache_path(
       cache_dir or source.default_cache_dir(), "fewshot", tfds_builder, spec.name, spec.splits,
-      spec.label_map, splits.split_file_digest(split_file), shots, seed, sampler,
+      spec.label_map, splits.split_file_digest(split_file), shots, seed, sampler, listed,
       _SAMPLER_VERSION)
   if os.path.exists(cache):
     return _load(cache)
-  few = _sample(spec, shots, seed, data_dir, split_file, cache_dir, sampler)
+  few = _sample(spec, shots, seed, data_dir, split_file, cache_dir, sampler, shot_lists)
   _save(cache, few)
   return few

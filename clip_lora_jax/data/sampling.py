@@ -1,4 +1,5 @@
-"""Which examples form a K-shot set: the reference code's choice, or our numpy one.
+"""Which examples form a K-shot set: the reference code's choice, a published list, or our numpy
+one.
 
 Both samplers draw, for a seed, min(K, 4) validation shots and K training shots per class, from
 labels and file names alone (no image is read here), and return them in the order drawn.
@@ -27,6 +28,14 @@ classes in label order, each class's shots without replacement, or all of its it
 with replacement up to K; where the benchmark has no validation split (ImageNet), the
 validation shots come from the train split and are left out of the training pool.
 
+`lists` reads the shots from a published per-(K, seed) list instead of drawing them: a directory
+(`shot_lists`) holding `shot_<K>-seed_<S>.json` files ({"train": [[path, label, class name], ...],
+"val": [...]}, the entries of a split file) or CoOp's own caches of its draws,
+`shot_<K>-seed_<S>.pkl` (its `split_fewshot/` folder: Dassl `Datum` objects, read by a restricted
+unpickler that builds nothing else). Entries are found in TFDS by path (an absolute path, as
+CoOp's pickles hold, by its longest suffix that TFDS knows); every class listed must have K
+training entries, and an entry TFDS lacks is an error naming it.
+
 Either way a class with fewer than n items is warned about, and a class with none gets no shots
 (warned too).
 """
@@ -35,7 +44,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import os
+import pickle
 import random
+import types
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -48,7 +61,9 @@ from clip_lora_jax.errors import UserError
 
 REFERENCE = "reference"
 NUMPY = "numpy"
-SAMPLERS = (REFERENCE, NUMPY)
+LISTS = "lists"
+SAMPLERS = (REFERENCE, NUMPY, LISTS)
+LIST_ROLES = ("train", "val")
 MAX_VAL_SHOTS = 4
 # How many names an error lists before it only counts.
 _NAMED = 5
@@ -61,22 +76,28 @@ class Choice:
   Attributes:
     train: the training shots.
     val: the validation shots, disjoint from the training ones.
-    sampler: the sampler that chose them (`REFERENCE` or `NUMPY`).
+    sampler: the sampler that chose them (`REFERENCE`, `NUMPY` or `LISTS`).
   """
   train: splits.Examples
   val: splits.Examples
   sampler: str
 
 
-def resolve_sampler(spec: DatasetSpec, split_file: str | None, sampler: str | None) -> str:
-  """The sampler to use: `sampler` once checked; by default (None) `REFERENCE` wherever the
-  reference's choice can be reproduced (a split file is given, or the dataset is one the
-  reference reads without a split file: ImageNet, FGVC-Aircraft), `NUMPY` elsewhere."""
+def resolve_sampler(spec: DatasetSpec, split_file: str | None, sampler: str | None,
+                    shot_lists: str | None = None) -> str:
+  """The sampler to use: `sampler` once checked; by default (None) `LISTS` when `shot_lists`
+  names a directory of published lists, else `REFERENCE` wherever the reference's choice can be
+  reproduced (a split file is given, or the dataset is one the reference reads without a split
+  file: ImageNet, FGVC-Aircraft), `NUMPY` elsewhere."""
   reproducible = split_file is not None or spec.reference_order is not None
   if sampler is None:
-    return REFERENCE if reproducible else NUMPY
+    return LISTS if shot_lists is not None else REFERENCE if reproducible else NUMPY
   if sampler not in SAMPLERS:
     raise UserError(f"sampler={sampler!r}: use one of {', '.join(map(repr, SAMPLERS))}")
+  if (sampler == LISTS) != (shot_lists is not None):
+    raise UserError(f"sampler={sampler!r} with shot_lists={shot_lists!r}: the 'lists' sampler "
+                    "reads the shots from the shot_lists directory, and only it does; give both, "
+                    "or leave sampler unset")
   if sampler == REFERENCE and not reproducible:
     split_file_name = spec.split_file_name or "split_zhou_<Dataset>.json"
     raise UserError(
@@ -249,18 +270,94 @@ def _reference_image_folder(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBu
                 listed.subset(np.asarray(val, np.int64)), REFERENCE)
 
 
+class _DatumUnpickler(pickle.Unpickler):
+  """Unpickles CoOp's few-shot caches (dicts of lists of Dassl `Datum`), as plain attribute
+  bags: a pickle naming any other class or function is refused, never run."""
+
+  DATUM = ("dassl.data.datasets.base_dataset", "Datum")
+
+  def find_class(self, module: str, name: str) -> type:
+    if (module, name) == self.DATUM:
+      return types.SimpleNamespace
+    raise pickle.UnpicklingError(f"it names {module}.{name}, which a list of Dassl Datum "
+                                 "objects does not hold")
+
+
+def shot_list_file(directory: str, shots: int, seed: int) -> str:
+  """The published list of (`shots`, `seed`) in `directory`: shot_<K>-seed_<S>.json or .pkl."""
+  stem = os.path.join(directory, f"shot_{shots}-seed_{seed}")
+  for path in (stem + ".json", stem + ".pkl"):
+    if os.path.isfile(path):
+      return path
+  listed = sorted(n for n in os.listdir(directory) if n.startswith("shot_")) if os.path.isdir(
+      directory) else None
+  held = ("it is not a directory" if listed is None else
+          f"it holds {_named(listed)}" if listed else "it holds no shot_<K>-seed_<S> file")
+  raise UserError(f"shot_lists={directory!r} has no list for {shots} shots and seed {seed} "
+                  f"(shot_{shots}-seed_{seed}.json or .pkl): {held}")
+
+
+def read_shot_list(path: str) -> dict[str, list[list]]:
+  """A published list of shots, checked: role ("train", "val") -> [[path, label, class name]]."""
+  try:
+    if path.endswith(".pkl"):
+      with open(path, "rb") as f:
+        raw = _DatumUnpickler(f).load()
+      content = {role: [[vars(d).get("_impath"), vars(d).get("_label"),
+                         vars(d).get("_classname")] for d in raw[role]]
+                 for role in LIST_ROLES} if isinstance(raw, dict) else None
+    else:
+      with open(path) as f:
+        content = json.load(f)
+  except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError, EOFError) as e:
+    raise UserError(f"cannot read the shot list {path}: {e}") from e
+  if not isinstance(content, dict) or any(
+      not isinstance(content.get(role), list) or any(
+          not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
+          or not isinstance(entry[1], int) for entry in content[role])
+      for role in LIST_ROLES):
+    raise UserError(f"{path} is not a shot list: expected keys train and val, each a list of "
+                    "[image path, label, class name] (or CoOp's pickle of Dassl Datum lists)")
+  return content
+
+
+def _listed_choice(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, shots: int,
+                   seed: int, shot_lists: str, cache_dir: str | None) -> Choice:
+  """The shots a published list gives for (`shots`, `seed`), found in TFDS by path."""
+  path = shot_list_file(shot_lists, shots, seed)
+  content = read_shot_list(path)
+  counts = collections.Counter(entry[1] for entry in content["train"])
+  wrong = [f"{spec.class_names[label] if 0 <= label < spec.num_classes else label} ({count})"
+           for label, count in sorted(counts.items()) if count != shots]
+  if wrong or not counts:
+    raise UserError(f"shot list {path} is not a {shots}-shot list: its training entries per "
+                    f"class are {_named(wrong) if wrong else 'none'}")
+  chosen = content["val"] + content["train"]
+  pool, positions = splits.locate(spec, tfds_builder, path, chosen, cache_dir)
+  missing = list(dict.fromkeys(entry[0] for entry, p in zip(chosen, positions) if p < 0))
+  if missing:
+    raise UserError(f"{len(missing)} of the images of shot list {path} are not in TFDS "
+                    f"{spec.tfds_name}: {_named(missing)}; is this a list of {spec.name}, and "
+                    "TFDS prepared from the same images?")
+  cut = len(content["val"])
+  return Choice(pool.subset(positions[cut:]), pool.subset(positions[:cut]), LISTS)
+
+
 def choose(spec: DatasetSpec, shots: int, seed: int, data_dir: str | None = None,
            split_file: str | None = None, cache_dir: str | None = None,
-           sampler: str | None = None) -> Choice:
+           sampler: str | None = None, shot_lists: str | None = None) -> Choice:
   """The training and validation shots of `spec` for (`shots`, `seed`), by `sampler`
-  (`resolve_sampler`'s default when None); see the module docstring."""
+  (`resolve_sampler`'s default when None; `shot_lists`: the directory of published lists); see
+  the module docstring."""
   if shots < 1 or seed < 0:
     raise UserError(f"few-shot {spec.name}: shots must be >= 1 and seed >= 0, got shots={shots}, "
                     f"seed={seed}")
-  sampler = resolve_sampler(spec, split_file, sampler)
+  sampler = resolve_sampler(spec, split_file, sampler, shot_lists)
   if sampler == NUMPY:
     return _numpy_choice(spec, shots, seed, data_dir, split_file, cache_dir)
   tfds_builder = source.builder(spec, data_dir)
+  if sampler == LISTS:
+    return _listed_choice(spec, tfds_builder, shots, seed, shot_lists, cache_dir)
   if split_file is not None:
     return _reference_split_file(spec, tfds_builder, shots, seed, split_file, cache_dir)
   if spec.reference_order == IMAGE_FOLDER:

@@ -135,28 +135,42 @@ def split_file_keys(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder,
               tfds_class_names(spec, tfds_builder, examples))]
 
 
-def locate(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, split_file: str,
+def _find(position_of: dict[str, int], path: str) -> int | None:
+  """The position of `path` among TFDS's keys: the path itself, else its longest suffix of whole
+  components that is a key (an absolute path on another machine, as CoOp's pickles hold)."""
+  if path in position_of:
+    return position_of[path]
+  parts = path.replace("\\", "/").strip("/").split("/")
+  for start in range(1, len(parts)):
+    position = position_of.get("/".join(parts[start:]))
+    if position is not None:
+      return position
+  return None
+
+
+def locate(spec: DatasetSpec, tfds_builder: tfds.core.DatasetBuilder, list_file: str,
            entries: list[list], cache_dir: str | None) -> tuple[Examples, np.ndarray]:
-  """Finds split-file entries in TFDS by path: (every TFDS example the benchmark keeps, the
-  position there of each entry, -1 for one TFDS lacks). A found entry's label must be ours."""
+  """Finds the entries of a split file or shot list (`list_file`) in TFDS by path (`_find`):
+  (every TFDS example the benchmark keeps, the position there of each entry, -1 for one TFDS
+  lacks). A found entry's label must be ours."""
   if spec.file_key is None:
     raise UserError(
-        f"split file {split_file}: TFDS {spec.tfds_name} keeps no file names, so {spec.name} "
-        "examples cannot be matched to it; leave split_file unset to use the benchmark split "
-        "carved by clip_lora_jax")
+        f"{list_file}: TFDS {spec.tfds_name} keeps no file names, so {spec.name} examples cannot "
+        "be matched to its entries; leave split_file and shot_lists unset to use the benchmark "
+        "split carved by clip_lora_jax")
   pool = _pooled(spec, tfds_builder, spec.tfds_splits, cache_dir)
   position_of = {key: i for i, key in enumerate(split_file_keys(spec, tfds_builder, pool))}
   positions = np.full(len(entries), -1, np.int64)
   for i, (path, label, class_name) in enumerate(entries):
-    position = position_of.get(path)
+    position = _find(position_of, path)
     if position is None:
       continue
     if int(label) != pool.label[position]:
       ours = pool.label[position]
       raise UserError(
-          f"split file {split_file} gives {path} label {label} ({class_name}), but TFDS "
+          f"{list_file} gives {path} label {label} ({class_name}), but TFDS "
           f"{spec.tfds_name} has it in class {ours} ({spec.class_names[ours]}) of {spec.name}: "
-          "is this the split file of this dataset?")
+          "is this a list of this dataset?")
     positions[i] = position
   return pool, positions
 

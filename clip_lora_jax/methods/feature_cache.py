@@ -263,9 +263,7 @@ def load_task(run: training.Run, params: model.Params, method: ModuleType,
               templates: Sequence[str]) -> Task:
   """The run's few-shot features (cached) and zero-shot classifier."""
   config, base = run.config, run.base
-  few_shot = data.load_few_shot(run.spec, config.shots, config.seed, data_dir=config.data_dir,
-                                split_file=config.split_file, cache_dir=config.cache_dir,
-                                sampler=config.sampler)
+  few_shot = run.load_few_shot()
   feats = features.few_shot_features(params, base.config, base.fingerprint, few_shot,
                                      config.views, config.seed, config.eval_batch_size, run.mesh,
                                      config.cache_dir, projected=method.INPUT == "embedding")

@@ -41,7 +41,7 @@ import scipy.cluster.hierarchy
 from flax import traverse_util
 
 from clip_lora_jax import base as base_lib
-from clip_lora_jax import data, evaluation, features, files, lora, metrics, model, sharding
+from clip_lora_jax import evaluation, features, files, lora, metrics, model, sharding
 from clip_lora_jax import training, workdirs
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.methods import feature_cache
@@ -299,9 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   params = sharding.put_replicated(base.params, mesh)
 
   with training.data_context(config):
-    few_shot = data.load_few_shot(run.spec, config.shots, config.seed, data_dir=config.data_dir,
-                                  split_file=config.split_file, cache_dir=config.cache_dir,
-                                  sampler=config.sampler)
+    few_shot = run.load_few_shot()
     feats = features.few_shot_features(params, base.config, base.fingerprint, few_shot,
                                        llu_config.views, config.seed, config.eval_batch_size,
                                        mesh, config.cache_dir)

@@ -166,9 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           sharding.params_sharding(base.params, mesh, config.fsdp))
 
   with training.data_context(config):
-    few_shot = data.load_few_shot(spec, config.shots, config.seed, data_dir=config.data_dir,
-                                  split_file=config.split_file, cache_dir=config.cache_dir,
-                                  sampler=config.sampler)
+    few_shot = run.load_few_shot()
     prompt_ids = prompts.class_prompt_ids(base.tokenizer, spec.class_names, config.template)
     text = _text_input(base, params, prompt_ids, step_config, mesh)
 

@@ -97,20 +97,21 @@ def start(f: np.ndarray, labels: np.ndarray, classifier: np.ndarray, views: int)
           "alpha": jnp.full((classes,), ALPHA_SCALE * means.mean(), jnp.float32)}
 
 
-def blend(params: Params, f: jax.Array, classifier: jax.Array) -> jax.Array:
-  """The official form on unit features f: vision logits + (1 alpha^T) * text logits."""
+def blend(params: Params, f: jax.Array, text: jax.Array) -> jax.Array:
+  """The official form on unit features f with text logits `text` = f T^T: vision logits
+  + (1 alpha^T) * text logits."""
   vision = f @ params["w"].T + params["b"]
-  return vision + (jnp.ones((f.shape[0], 1)) @ params["alpha"][None, :]) * (f @ classifier.T)
+  return vision + (jnp.ones((f.shape[0], 1)) @ params["alpha"][None, :]) * text
 
 
 def logits(params: Params, x: jax.Array, config: Config) -> jax.Array:
   del config
-  return blend(params, normalize(x), params[feature_cache.FROZEN]["classifier"])
+  f = normalize(x)
+  return blend(params, f, f @ params[feature_cache.FROZEN]["classifier"].T)
 
 
-def _loss(params: Params, f: jax.Array, labels: jax.Array, classifier: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(blend(params, f, classifier),
-                                                         labels).mean()
+def _loss(params: Params, f: jax.Array, text: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(blend(params, f, text), labels).mean()
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -118,10 +119,13 @@ def descend(params: Params, f: jax.Array, labels: jax.Array, val: jax.Array,
             val_labels: jax.Array, classifier: jax.Array, lr_w: float, lr_alpha: float,
             config: Config) -> Params:
   """`config.epochs` epochs of the official descent from `params`; those of the epoch best on
-  (val, val_labels) (the last of equals), or of the last epoch when there is no validation."""
+  (val, val_labels) (the last of equals), or of the last epoch when there is no validation.
+  The text logits of the fixed features are computed once, not per epoch."""
+  text, val_text = f @ classifier.T, val @ classifier.T
+
   def epoch(carry, index):
     params, velocity, alpha_grad, best, best_top1 = carry
-    grads = jax.grad(_loss)(params, f, labels, classifier)
+    grads = jax.grad(_loss)(params, f, text, labels)
     velocity = jax.tree.map(lambda v, g: config.momentum * v + g, velocity,
                             {"w": grads["w"], "b": grads["b"]})
     alpha_grad = alpha_grad + grads["alpha"]
@@ -129,7 +133,7 @@ def descend(params: Params, f: jax.Array, labels: jax.Array, val: jax.Array,
                       params["alpha"] - lr_alpha * alpha_grad, params["alpha"])
     params = {"w": params["w"] - lr_w * velocity["w"], "b": params["b"] - lr_w * velocity["b"],
               "alpha": alpha}
-    top1 = (jnp.mean(jnp.argmax(blend(params, val, classifier), -1) == val_labels)
+    top1 = (jnp.mean(jnp.argmax(blend(params, val, val_text), -1) == val_labels)
             if val.shape[0] else jnp.float32(0.0))
     better = top1 >= best_top1
     best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)

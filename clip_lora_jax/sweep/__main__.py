@@ -66,6 +66,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
                  "(e.g. configs/runlocal.py); default: each method's own recipe")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override of every cell (--config.KEY=VALUE), repeatable")
+  p.add_argument("--split_files", metavar="DIR",
+                 help="a directory of the protocol's split_zhou_<Dataset>.json files: each "
+                 "dataset split by one runs on its exact lists (Food-101 cannot: TFDS keeps no "
+                 "file names)")
+  p.add_argument("--shot_lists", metavar="DIR",
+                 help="published few-shot lists, shot_<K>-seed_<S>.json or CoOp's .pkl, in DIR "
+                 "where {dataset} stands for the dataset name (e.g. coop/{dataset}/split_fewshot)")
   p.add_argument("--executor", default="local", choices=runner.EXECUTORS)
   p.add_argument("--devices", type=int, help="local executor: cells at a time (default: one "
                  "per visible GPU, else 1)")
@@ -107,7 +114,8 @@ def main(argv: list[str]) -> int:
     targets = _names(args.targets, protocols.registry.DOMAIN_SHIFT_NAMES, "targets")
     source = _names(args.source, protocols.registry.DATASET_NAMES, "source")[0]
     cells += protocols.grid(protocol, names, datasets, shots, seeds, source, targets)
-  settings = runner.Settings(args.root, args.config_file, tuple(args.set))
+  settings = runner.Settings(args.root, args.config_file, tuple(args.set),
+                             split_files=args.split_files, shot_lists=args.shot_lists)
   if args.dry_run:
     for cell in dict.fromkeys(cells):
       print(" ".join(runner.job(settings, cell).command))

@@ -61,8 +61,9 @@ def plot(path_stem: str, title: str, lines: dict[str, dict[int, tables.Value]],
     spread = [points[k][1] or 0.0 for k in shots]
     line, = axes.plot(shots, means, marker="o", color=color, label=method)
     line.set_gid(f"method-{method}")
-    axes.fill_between(shots, [m - s for m, s in zip(means, spread)],
-                      [m + s for m, s in zip(means, spread)], color=color, alpha=0.2)
+    band = axes.fill_between(shots, [m - s for m, s in zip(means, spread)],
+                             [m + s for m, s in zip(means, spread)], color=color, alpha=0.2)
+    band.set_gid(f"band-{method}")
     if method in reference:
       known = {k: v for k, v in reference[method].items() if k > 0}
       if known:

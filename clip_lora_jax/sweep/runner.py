@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from clip_lora_jax import files
+from clip_lora_jax.data import registry
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.sweep import store
 from clip_lora_jax.sweep.protocols import PLAIN, Cell, scoring
@@ -52,11 +53,18 @@ class Settings:
       None: each method's own recipe, `configs/<file>.py:dataset=D,shots=K,seed=S`.
     overrides: `key=value` config overrides of every cell (`--config.key=value`).
     python: the interpreter of the cells' commands.
+    split_files: a directory of the protocol's split files (`split_zhou_<Dataset>.json`): each
+      cell of a dataset the protocol splits by file runs on its file (`split_file_for`).
+    shot_lists: published few-shot lists, a directory path in which `{dataset}` stands for the
+      training dataset's name (e.g. `coop_data/{dataset}/split_fewshot`): training cells read
+      their shots from `shot_<K>-seed_<S>` lists there (`config.shot_lists`).
   """
   root: str
   config_file: str | None = None
   overrides: tuple[str, ...] = ()
   python: str = sys.executable
+  split_files: str | None = None
+  shot_lists: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +88,20 @@ def output_path(settings: Settings, cell: Cell) -> str:
   return os.path.join(settings.root, "evals", f"{cell.key}.json")
 
 
+def split_file_for(settings: Settings, dataset: str) -> str | None:
+  """The split file of `dataset` in `settings.split_files`: None without that directory, for a
+  dataset the protocol splits without a file (ImageNet, FGVC-Aircraft) or one whose TFDS keeps
+  no file names to match (Food-101: its benchmark splits are carved, see the README)."""
+  spec = registry.get_dataset(dataset)
+  if settings.split_files is None or spec.split_file_name is None or spec.file_key is None:
+    return None
+  path = os.path.join(settings.split_files, spec.split_file_name)
+  if not os.path.isfile(path):
+    raise UserError(f"--split_files {settings.split_files}: no {spec.split_file_name} there, the "
+                    f"protocol's split file of {spec.name}")
+  return path
+
+
 def config_args(settings: Settings, cell: Cell) -> list[str]:
   """The `--config ...` arguments of `cell` (the dataset scored: the target of an evaluation)."""
   from clip_lora_jax.methods import METHODS  # pylint: disable=import-outside-toplevel
@@ -90,6 +112,12 @@ def config_args(settings: Settings, cell: Cell) -> list[str]:
   else:
     recipe = os.path.join(REPO, "configs", f"{METHODS[cell.method].config_file}.py")
     args = ["--config", f"{recipe}:dataset={cell.dataset},shots={cell.shots},seed={cell.seed}"]
+  split_file = split_file_for(settings, cell.dataset)
+  if split_file is not None:
+    args.append(f"--config.split_file={split_file}")
+  if settings.shot_lists is not None and cell.kind == "train":
+    lists = settings.shot_lists.replace("{dataset}", cell.train_dataset.split("/")[0])
+    args.append(f"--config.shot_lists={lists}")
   return args + [f"--config.{o}" for o in settings.overrides] + ["--config.progress=False"]
 
 
@@ -314,7 +342,8 @@ def _result(item: Job) -> dict[str, Any]:
   with open(item.output, encoding="utf-8") as f:
     result = json.load(f)
   prefix = "test_" if item.cell.kind == "train" else ""
-  return {k: result[prefix + k] for k in ("top1", "top5", "count")}
+  return {**{k: result[prefix + k] for k in ("top1", "top5", "count")},
+          "peak_device_memory_mb": result.get("peak_device_memory_mb")}
 
 
 def _record(item: Job, status: str, outcome: Outcome | None = None, attempts: int = 0,

@@ -4,7 +4,9 @@ without re-running anything (`read`), and the sweep's progress in `ROOT/progress
 A record describes a cell's last outcome: its identity (`key`, `kind`, `method`,
 `train_dataset`, `dataset` scored, `shots`, `seed`), `status` (`DONE`, `FAILED` or
 `NOT_APPLICABLE`), the test `top1` / `top5` (%) and image `count`, the `wall_s` and
-`peak_rss_mb` of its process (None for a result collected from a finished workdir), the exact
+`peak_rss_mb` of its process (None for a result collected from a finished workdir), the
+accelerator memory peak its run or evaluation recorded (`peak_device_memory_mb`: None on CPU; a
+resumed run's is its last process's), the exact
 `command`, its `workdir` or output file, its `log`, `attempts` and, for failures or cells not
 applicable, `reason`. Records are appended as cells end; the last one of a key wins, and a line
 cut short by a crash is ignored.

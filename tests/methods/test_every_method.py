@@ -109,5 +109,9 @@ def test_the_feature_methods_benchmark_runs_every_method(tmp_path):
   tasks = {"embedding": feature_methods.synthetic_task(4, 2, 2, 8),
            "features": feature_methods.synthetic_task(4, 2, 2, 8, width=12)}
   for name in FEATURE_METHODS:
-    row = feature_methods.time_method(name, tasks, 2, str(tmp_path / name))
+    row = feature_methods.time_method(name, tasks, 2, 2, str(tmp_path / name))
     assert row["method"] == name and row["seconds"] > 0 and 0 <= row["val_top1"] <= 100
+    assert row["views"] == min(row["recipe_views"], 2)
+  one_view = feature_methods.first_views(tasks["embedding"], 1)
+  assert len(one_view.views) == len(one_view.shots)
+  assert sorted(one_view.view_shots) == list(range(len(one_view.shots)))  # each shot once

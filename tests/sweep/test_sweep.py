@@ -1,5 +1,5 @@
 """The sweep end to end on the runlocal config (tiny random CLIP, mock data): a 2 methods x 2
-datasets x 2 shots x 1 seed few-shot grid run in process (as processes each cell would pay ~10 s
+datasets x 2 shots x 2 seeds few-shot grid run in process (as processes each cell would pay ~10 s
 of imports), stopped by Ctrl-C after 3 cells and resumed; its tables read back
 against the store; the plots; and the submitit path on submitit's local executor (one cell)."""
 
@@ -8,6 +8,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 from clip_lora_jax.sweep import __main__ as cli
@@ -16,11 +17,10 @@ from clip_lora_jax.sweep import plots, protocols, report, runner, store, tables
 from conftest import ROOT
 
 RUNLOCAL = os.path.join(ROOT, "configs", "runlocal.py")
-# The issue's grid is 2 x 2 x 2 x 2; one seed halves it to fit the test budget (a cell costs
-# several seconds in process on 2 cores: tf.data pipelines, features, evaluation). Seeds are
-# aggregated in the synthetic-store tests below.
+# 2 methods x 2 datasets x 2 shots x 2 seeds (a cell costs a few seconds in process on 2 cores:
+# tf.data pipelines, features, evaluation).
 GRID = dict(method_names=["zero_shot", "llu"], datasets=["eurosat", "dtd"], shots=[1, 2],
-            seeds=[1])
+            seeds=[1, 2])
 
 
 def settings(root, cache):
@@ -76,14 +76,14 @@ def swept(tmp_path_factory):
 
 def test_the_resumed_sweep_runs_only_the_missing_cells(swept, monkeypatch):
   root, ran, again, records = swept
-  assert len(records) == 8 and all(r["status"] == store.DONE for r in records.values())
+  assert len(records) == 16 and all(r["status"] == store.DONE for r in records.values())
   assert sorted(ran + again) == sorted(records) and not set(ran) & set(again)
   for r in records.values():
     assert r["wall_s"] > 0 and r["peak_rss_mb"] > 0 and "train.py --config" in r["command"]
     result = json.load(open(r["output"]))
     assert r["top1"] == result["test_top1"] and r["count"] == result["test_count"]
   progress = json.load(open(root / store.PROGRESS_FILE))
-  assert progress["done"] == 8 and progress["failed"] == 0 and progress["running"] == 0
+  assert progress["done"] == 16 and progress["failed"] == 0 and progress["running"] == 0
   # A third run runs nothing and leaves the tables as they are.
   before = tables.markdown(tables.table2(list(store.read(str(root)).values())))
   monkeypatch.setattr(runner, "execute_in_process", None)  # would fail if called
@@ -99,8 +99,8 @@ def test_table2_numbers_are_the_stored_results(swept):
   assert [r[:2] for r in rows] == [["1", "zero_shot"], ["1", "llu"], ["2", "zero_shot"],
                                    ["2", "llu"]]
   for shots, method, *cells in rows:
-    stored = [next(r["top1"] for r in records.values()
-                   if (r["method"], r["dataset"], r["shots"]) == (method, d, int(shots)))
+    stored = [np.mean([r["top1"] for r in records.values()
+                       if (r["method"], r["dataset"], r["shots"]) == (method, d, int(shots))])
               for d in ("eurosat", "dtd")]
     assert [float(c) for c in cells] == pytest.approx([*stored, sum(stored) / 2], abs=0.051)
   tex = open(root / "tables" / "table2.tex").read()
@@ -126,9 +126,11 @@ def test_plots_render_a_line_per_method(swept):
   for path in paths:
     assert os.path.getsize(path) > 5000
   svg = ET.parse(os.path.join(root, "plots", "accuracy_vs_shots_eurosat.svg"))
-  ids = [e.get("id") for e in svg.iter() if (e.get("id") or "").startswith(("method-", "published-"))]
-  # zero_shot has a published (0-shot) number; llu has none.
-  assert sorted(ids) == ["method-llu", "method-zero_shot", "published-zero_shot"]
+  ids = [e.get("id") for e in svg.iter()
+         if (e.get("id") or "").startswith(("method-", "published-", "band-"))]
+  # A line and a band over the seeds per method; zero_shot has a published (0-shot) number.
+  assert sorted(ids) == ["band-llu", "band-zero_shot", "method-llu", "method-zero_shot",
+                         "published-zero_shot"]
 
 
 def test_markdown_marks_best_and_second_per_shots_group():
@@ -191,6 +193,27 @@ def test_cli_names_and_dry_run(tmp_path, capsys):
       "gpus_per_node": 1, "slurm_partition": "gpu", "timeout_min": 60}
 
 
+def test_split_files_and_published_shot_lists_reach_each_cell(tmp_path, capsys):
+  splits = tmp_path / "splits"
+  splits.mkdir()
+  args = ["--methods", "lora", "--protocol", "base_to_novel", "--datasets", "dtd,food101",
+          "--shots", "16", "--seeds", "2", "--root", str(tmp_path / "root"), "--dry_run",
+          "--split_files", str(splits)]
+  with pytest.raises(Exception, match="no split_zhou_DescribableTextures.json there"):
+    cli.main(args)
+  (splits / "split_zhou_DescribableTextures.json").write_text("{}")
+  assert cli.main(args + ["--shot_lists", "/coop/{dataset}/split_fewshot"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  (dtd_train,) = [line for line in lines if "train.py" in line and "dtd/base" in line]
+  (dtd_novel,) = [line for line in lines if "eval.py" in line and "dtd/novel" in line]
+  for line in (dtd_train, dtd_novel):
+    assert f"--config.split_file={splits}/split_zhou_DescribableTextures.json" in line
+  assert "--config.shot_lists=/coop/dtd/split_fewshot " in dtd_train  # the full dataset's draw
+  assert "shot_lists" not in dtd_novel
+  food = [line for line in lines if "food101" in line]
+  assert len(food) == 2 and not any("--config.split_file=" in line for line in food)  # no names
+
+
 def test_submitit_local_executor_runs_a_cell(tmp_path):
   cell = protocols.Cell("zero_shot", "eurosat", 1, 1)
   records = runner.run([cell], settings(tmp_path / "root", tmp_path / "cache"), "submitit",
@@ -198,4 +221,5 @@ def test_submitit_local_executor_runs_a_cell(tmp_path):
   record = records[cell.key]
   assert record["status"] == store.DONE, open(record["log"]).read()[-2000:]
   assert record["peak_rss_mb"] > 0 and 0 <= record["top1"] <= 100
+  assert record["peak_device_memory_mb"] is None  # CPU: no accelerator to report
   assert os.listdir(tmp_path / "root" / "submitit")
