@@ -282,9 +282,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   base, mesh, spec = run_.base, run_.mesh, run_.spec
   params = sharding.put_replicated(base.params, mesh)
   with training.data_context(config):
-    few_shot = data.load_few_shot(spec, config.shots, config.seed, data_dir=config.data_dir,
-                                  split_file=config.split_file, cache_dir=config.cache_dir,
-                                  sampler=config.sampler)
+    few_shot = run_.load_few_shot()
     zero_shot = None
     if getattr(method, "ZERO_SHOT", False):
       zero_shot = evaluation.zero_shot_classifier(params, base.config, base.tokenizer,
