@@ -60,8 +60,9 @@ def test_method_trains_and_eval_py_scores_its_adapter(tmp_path, feature_cache_di
   if name in PROMPT_METHODS:  # learned prompts serve any class names (predict.py's classes)
     base = base_lib.load_base_model(config.model, config.random_init, config.seed)
     assert inference.fixed_class_count(base, adapter) is None
-    images = np.zeros((2, 32, 32, 3), np.float32)
-    assert methods.logits_fn(base, adapter, ["cat", "dog", "bird"], ())(images).shape == (2, 3)
+    if name == "cocoop":  # the one whose class embeddings depend on the image
+      images = np.zeros((2, 32, 32, 3), np.float32)
+      assert methods.logits_fn(base, adapter, ["cat", "dog", "bird"], ())(images).shape == (2, 3)
 
   feature_cache.save_adapter(str(tmp_path / "again.safetensors"), adapter)
   assert open(tmp_path / "again.safetensors", "rb").read() == open(path, "rb").read()
