@@ -20,7 +20,6 @@ import jax
 import numpy as np
 
 from clip_lora_jax import data, model, sharding
-from clip_lora_jax.data import source
 from clip_lora_jax.errors import UserError
 
 _VERSION = 3  # Bump when what is cached changes.
@@ -80,6 +79,8 @@ def _pooled_features(params: model.Params, config: model.CLIPConfig, fingerprint
                      few: data.FewShotSet, views: int, seed: int, batch_size: int,
                      mesh: jax.sharding.Mesh, cache_dir: str | None) -> dict[str, np.ndarray]:
   """`few_shot_features` before the projection: computed once, then read from the cache."""
+  # Imported here: `source` brings TensorFlow, which the methods' train steps do not need.
+  from clip_lora_jax.data import source  # pylint: disable=import-outside-toplevel
   key = _cache_key(fingerprint, config, few, views, seed)
   path = os.path.join(cache_dir or source.default_cache_dir(), "features", f"{key[:24]}.npz")
   if os.path.exists(path):

@@ -19,6 +19,13 @@ blocks of a tower run as a `lax.scan` over their stacked weights: a tower compil
 instead of one per layer (on an H200, the bf16 ViT-B/16 train step compiled in 31 s; unrolled,
 it had not compiled after 115 s). The text tower also reads packed prompts: several prompts per row, each attending only to
 itself (`clip_lora_jax.prompts`), so many prompts of mixed lengths cost their total length.
+
+Both towers also take learned prompt tokens (`Prompts`, for the prompt-learning methods of
+`clip_lora_jax.methods.prompt_learning`): in the text tower they replace the n token
+embeddings after each prompt's start token (CoOp's "X X ... X {class}." layout), in the vision
+tower they are appended after the patch tokens; deep prompts (MaPLe) replace those n tokens
+again at the input of blocks 1 .. J-1, carried through the same scan as the block weights.
+Without prompts, the towers run exactly the programs they ran before.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,6 +258,42 @@ class Dense(nn.Module):
     return y
 
 
+@flax.struct.dataclass
+class Prompts:
+  """Learned prompt tokens of one tower (a pytree: an argument of the jitted encoders).
+
+  tokens: (n, W). Text tower: they replace the token embeddings at positions 1 .. n of every
+    prompt (right after the start token; the class name and the end token follow), before the
+    position embeddings are added. Vision tower: appended after the patch tokens, after the
+    position embeddings and before `ln_pre` (MaPLe's layout; the class token still pools).
+  deep: (J-1, n, W) or None: the tokens that replace those n positions at the input of blocks
+    1 .. J-1 (MaPLe's deep prompts, J <= layers); the blocks from J on read what the previous
+    block wrote there.
+  """
+  tokens: jax.Array
+  deep: jax.Array | None = None
+
+  @property
+  def count(self) -> int:
+    return self.tokens.shape[-2]
+
+
+# Writes one layer's (n, W) prompt tokens into (B, T, W) states where `on` (a 0-d bool) holds.
+PromptWriter = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _layer_prompts(deep: jax.Array, layers: int) -> tuple[jax.Array, jax.Array]:
+  """(J-1, n, W) deep prompts -> (layers, n, W) prompts and (layers,) flags, layer i's input
+  replaced iff its flag (1 <= i < J): one scan body serves prompted and plain layers."""
+  depth = deep.shape[0] + 1
+  if depth > layers:
+    raise ValueError(f"{deep.shape[0]} deep prompt layers for a tower of {layers} blocks: at "
+                     f"most {layers - 1}")
+  padded = jnp.zeros((layers, *deep.shape[1:]), deep.dtype).at[1:depth].set(deep)
+  index = jnp.arange(layers)
+  return padded, (index >= 1) & (index < depth)
+
+
 # (rows, columns) of the positions a tower pools, each (Q,); rows None: row q of the batch.
 Pool = tuple[jax.Array | None, jax.Array]
 
@@ -378,7 +422,8 @@ def _scan_segments(adapters: Mapping[str, Any], count: int) -> list[list[int]]:
 
 def _run_blocks(tower: nn.Module, x: jax.Array, config: VisionConfig | TextConfig,
                 causal: bool, deterministic: bool, starts: jax.Array | None,
-                pool: Pool) -> jax.Array:
+                pool: Pool, deep: jax.Array | None = None,
+                write: PromptWriter | None = None) -> jax.Array:
   """The residual blocks `layers_0 .. layers_{L-1}` of `tower` (a module whose parameters hold
   them in that per-layer layout); (Q, D) states at the positions `pool` that the tower pools.
 
@@ -386,6 +431,8 @@ def _run_blocks(tower: nn.Module, x: jax.Array, config: VisionConfig | TextConfi
   adapter shapes: `_scan_segments`), so a tower compiles as one block. The last block computes
   only the pooled positions (its keys and values still read every position): the other
   positions of its output are unused. Block i's dropout key is `fold_in(tower key, i)`.
+  With `deep` prompts ((J-1, n, W), see `Prompts`), `write` puts layer i's into its input for
+  1 <= i < J; the per-layer prompts are scanned with the weights.
   """
   rt = tower.runtime
   make_block = functools.partial(ResidualBlock, config.heads, config.mlp_dim, causal, rt)
@@ -398,8 +445,11 @@ def _run_blocks(tower: nn.Module, x: jax.Array, config: VisionConfig | TextConfi
   adapters = tower.variables.get(LORA_COLLECTION, {})
   tower_key = None if deterministic else tower.make_rng("dropout")
   block = make_block(parent=None)
+  layer_prompts = None if deep is None else _layer_prompts(deep.astype(rt.dtype), config.layers)
 
-  def apply(block_params, block_adapter, layer, x, pool=None):
+  def apply(block_params, block_adapter, layer, prompt, x, pool=None):
+    if prompt is not None:
+      x = write(x, *prompt)
     variables = {"params": block_params}
     if block_adapter is not None:
       variables[LORA_COLLECTION] = block_adapter
@@ -415,18 +465,23 @@ def _run_blocks(tower: nn.Module, x: jax.Array, config: VisionConfig | TextConfi
     stacked = (_stack([params[f"layers_{i}"] for i in layers]),
                _stack([adapters[f"layers_{i}"] for i in layers])
                if f"layers_{layers[0]}" in adapters else None,
-               jnp.asarray(layers, jnp.uint32))
+               jnp.asarray(layers, jnp.uint32),
+               None if layer_prompts is None else
+               jax.tree.map(lambda a: a[layers[0]:layers[-1] + 1], layer_prompts))
     x, _ = jax.lax.scan(scan_body, x, stacked)
-  return apply(params[f"layers_{last}"], adapters.get(f"layers_{last}"), last, x, pool)
+  prompt = None if layer_prompts is None else jax.tree.map(lambda a: a[last], layer_prompts)
+  return apply(params[f"layers_{last}"], adapters.get(f"layers_{last}"), last, prompt, x, pool)
 
 
 class VisionTower(nn.Module):
-  """Patch embedding, class token, positions, ln_pre, blocks, ln_post on the class token."""
+  """Patch embedding, class token, positions, ln_pre, blocks, ln_post on the class token; with
+  `prompts`, their tokens appended after the patch tokens (see `Prompts`)."""
   config: VisionConfig
   runtime: Runtime
 
   @nn.compact
-  def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, images: jax.Array, deterministic: bool = True,
+               prompts: Prompts | None = None) -> jax.Array:
     cfg, rt = self.config, self.runtime
     if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
       raise ValueError(f"images of shape {images.shape[1:]} given to a vision tower that takes "
@@ -442,9 +497,17 @@ class VisionTower(nn.Module):
                      (cfg.num_positions, cfg.width))
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    deep = write = None
+    if prompts is not None:
+      n = prompts.count
+      tokens = lambda p: jnp.broadcast_to(p.astype(x.dtype), (x.shape[0], n, cfg.width))
+      x = jnp.concatenate([x, tokens(prompts.tokens)], axis=1)
+      deep = prompts.deep
+      write = lambda x, p, on: jnp.concatenate(
+          [x[:, :-n], jnp.where(on, tokens(p), x[:, -n:])], axis=1)
     x = nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_pre")(x)
     x = _run_blocks(self, x, cfg, causal=False, deterministic=deterministic, starts=None,
-                    pool=(None, jnp.zeros(x.shape[0], jnp.int32)))
+                    pool=(None, jnp.zeros(x.shape[0], jnp.int32)), deep=deep, write=write)
     return nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_post")(x)
 
 
@@ -456,14 +519,17 @@ class TextTower(nn.Module):
   output as the full 77. Packed input (`positions` and `ends` given, see
   `clip_lora_jax.prompts.pack_prompts`): rows of several prompts; token j of a row sits at
   position `positions[j]` of its own prompt and attends to that prompt only; prompt q ends at
-  row `ends[0][q]`, column `ends[1][q]`. Output (Q, width), one row per pooled prompt.
+  row `ends[0][q]`, column `ends[1][q]`. Output (Q, width), one row per pooled prompt. With
+  `prompts`, their tokens replace positions 1 .. n of every prompt (see `Prompts`): the ids
+  there are placeholders, and the end token must come after them.
   """
   config: TextConfig
   runtime: Runtime
 
   @nn.compact
   def __call__(self, token_ids: jax.Array, deterministic: bool = True,
-               positions: jax.Array | None = None, ends: Pool | None = None) -> jax.Array:
+               positions: jax.Array | None = None, ends: Pool | None = None,
+               prompts: Prompts | None = None) -> jax.Array:
     cfg, rt = self.config, self.runtime
     length = token_ids.shape[-1]
     if positions is None and length > cfg.context_length:
@@ -472,6 +538,14 @@ class TextTower(nn.Module):
                  name="token_embedding")(token_ids).astype(rt.dtype)
     pos = self.param("position_embedding", nn.initializers.normal(0.01),
                      (cfg.context_length, cfg.width))
+    deep = write = None
+    if prompts is not None:
+      slots = (jnp.arange(length) if positions is None else positions) - 1
+      inside = ((slots >= 0) & (slots < prompts.count))[..., None]
+      slots = jnp.clip(slots, 0, prompts.count - 1)
+      write = lambda x, p, on: jnp.where(inside & on, p.astype(x.dtype)[slots], x)
+      x = write(x, prompts.tokens, True)
+      deep = prompts.deep
     if positions is None:
       x = x + pos[:length].astype(rt.dtype)
       starts, ends = None, (None, jnp.argmax(token_ids, axis=-1))
@@ -479,7 +553,7 @@ class TextTower(nn.Module):
       x = x + pos[positions].astype(rt.dtype)
       starts = jnp.arange(length)[None, :] - positions
     x = _run_blocks(self, x, cfg, causal=True, deterministic=deterministic, starts=starts,
-                    pool=ends)
+                    pool=ends, deep=deep, write=write)
     return nn.LayerNorm(rt.layer_norm_eps, dtype=rt.dtype, name="ln_final")(x)
 
 
@@ -503,10 +577,12 @@ class CLIP(nn.Module):
     self.text_projection = Dense(cfg.embed_dim, use_bias=False, runtime=rt)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
 
-  def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+  def encode_image(self, images: jax.Array, deterministic: bool = True,
+                   prompts: Prompts | None = None) -> jax.Array:
     """(B, H, W, 3) CLIP-normalised images, or uint8 pixels (normalised here) -> (B, embed_dim)
     unnormalised float32 embeddings."""
-    return self.visual_projection(self.vision(images, deterministic)).astype(jnp.float32)
+    return self.visual_projection(self.vision(images, deterministic, prompts)
+                                  ).astype(jnp.float32)
 
   def encode_image_features(self, images: jax.Array) -> jax.Array:
     """(B, H, W, 3) images -> (B, vision width) float32 pooled features before the projection
@@ -514,10 +590,11 @@ class CLIP(nn.Module):
     return self.vision(images, True).astype(jnp.float32)
 
   def encode_text(self, token_ids: jax.Array, deterministic: bool = True,
-                  positions: jax.Array | None = None, ends: Pool | None = None) -> jax.Array:
+                  positions: jax.Array | None = None, ends: Pool | None = None,
+                  prompts: Prompts | None = None) -> jax.Array:
     """(N, T) token ids, T <= context_length (or packed prompts: see `TextTower`) ->
     (prompts, embed_dim) unnormalised float32 embeddings."""
-    return self.text_projection(self.text(token_ids, deterministic, positions, ends)
+    return self.text_projection(self.text(token_ids, deterministic, positions, ends, prompts)
                                 ).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, token_ids: jax.Array,
@@ -604,11 +681,13 @@ _ENCODER_OPTIONS = ("config", "lora_scale", "lora_dropout", "dtype", "remat", "a
 def encode_images(params: Params, images: jax.Array, config: CLIPConfig, *,
                   lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                   dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
-                  remat: bool = False, attention: str = "xla") -> jax.Array:
-  """Image embeddings (unnormalised). Dropout on the low-rank branch runs iff `dropout_rng`."""
+                  remat: bool = False, attention: str = "xla",
+                  prompts: Prompts | None = None) -> jax.Array:
+  """Image embeddings (unnormalised). Dropout on the low-rank branch runs iff `dropout_rng`;
+  `prompts`: learned vision prompt tokens (see `Prompts`)."""
   model = CLIP(config, lora_scale, lora_dropout, dtype, remat, attention)
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-  return model.apply(_variables(params, lora), images, dropout_rng is None,
+  return model.apply(_variables(params, lora), images, dropout_rng is None, prompts,
                      method=CLIP.encode_image, rngs=rngs)
 
 
@@ -629,9 +708,11 @@ def encode_texts(params: Params, token_ids: jax.Array, config: CLIPConfig, *,
                  lora: Params | None = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                  dropout_rng: jax.Array | None = None, dtype: Any = jnp.float32,
                  remat: bool = False, attention: str = "xla", chunk_size: int | None = None,
-                 positions: jax.Array | None = None, ends: Pool | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, ends: Pool | None = None,
+                 prompts: Prompts | None = None) -> jax.Array:
   """Text embeddings (unnormalised) of (N, T) token ids, or of packed prompts (`positions` and
-  `ends`: see `TextTower` and `clip_lora_jax.prompts.encode_packed`).
+  `ends`: see `TextTower` and `clip_lora_jax.prompts.encode_packed`); `prompts`: learned prompt
+  tokens written over positions 1 .. n of every prompt (see `Prompts`).
 
   With `chunk_size`, the N prompts run through the tower `chunk_size` at a time inside one
   compiled loop (`lax.map`), so tens of thousands of prompts fit in memory in one call.
@@ -639,7 +720,7 @@ def encode_texts(params: Params, token_ids: jax.Array, config: CLIPConfig, *,
   model = CLIP(config, lora_scale, lora_dropout, dtype, remat, attention)
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
   encode = lambda ids, positions=None, ends=None: model.apply(
-      _variables(params, lora), ids, dropout_rng is None, positions, ends,
+      _variables(params, lora), ids, dropout_rng is None, positions, ends, prompts,
       method=CLIP.encode_text, rngs=rngs)
   n = token_ids.shape[0]
   if positions is not None or chunk_size is None or n <= chunk_size:

@@ -79,6 +79,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
              ("optimizer.eps", o.eps, o.eps > 0, "> 0"),
              ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
              ("logit_scale", config.logit_scale, config.logit_scale > 0, "> 0")]
+  if o.get("schedule", "cosine") not in SCHEDULES:
+    raise UserError(f"config.optimizer.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}")
+  if o.get("schedule") == "dassl":
+    warmup = o.get("warmup_epochs")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+      raise UserError(f"config.optimizer.warmup_epochs={warmup!r}: must be an integer >= 0")
+    numbers.append(("optimizer.warmup_learning_rate", o.get("warmup_learning_rate", 0.0),
+                    o.get("warmup_learning_rate", 0.0) > 0, "> 0"))
   for key, value, fits, bound in numbers:
     if not (math.isfinite(value) and fits):
       raise UserError(f"config.{key}={value}: must be a finite number {bound}")
@@ -93,21 +101,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "shot_<K>-seed_<S>.json or .pkl lists of shots)")
 
 
-def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
-  """Cosine from `learning_rate` to `min_learning_rate` over `steps`, no warm-up: the value at
-  step t is min + (max - min) * (1 + cos(pi t / steps)) / 2, as torch's CosineAnnealingLR."""
-  return optax.cosine_decay_schedule(optimizer.learning_rate, steps,
-                                     alpha=optimizer.min_learning_rate / optimizer.learning_rate)
+SCHEDULES = ("cosine", "dassl")
+
+
+def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps: int,
+                           steps_per_epoch: int = 1) -> optax.Schedule:
+  """`optimizer.schedule`: "cosine" (the default) decays from `learning_rate` to
+  `min_learning_rate` over `steps`, no warm-up, stepped every step: the value at step t is
+  min + (max - min) * (1 + cos(pi t / steps)) / 2, as torch's CosineAnnealingLR. "dassl" is the
+  schedule of the Dassl-based baselines (CoOp and the prompt learners), stepped once an epoch
+  of `steps_per_epoch` steps: `warmup_epochs` epochs at the constant `warmup_learning_rate`,
+  then the same cosine over all E epochs restarted at the warm-up's end (Dassl's
+  ConstantWarmupScheduler with warmup_recount): epoch e >= W has the cosine's value at e - W."""
+  if optimizer.get("schedule", "cosine") == "cosine":
+    return optax.cosine_decay_schedule(optimizer.learning_rate, steps,
+                                       alpha=optimizer.min_learning_rate / optimizer.learning_rate)
+  epochs = max(1, -(-steps // steps_per_epoch))
+  cosine = optax.cosine_decay_schedule(optimizer.learning_rate, epochs,
+                                       alpha=optimizer.min_learning_rate / optimizer.learning_rate)
+  warmup = optimizer.warmup_epochs
+
+  def schedule(step):
+    epoch = step // steps_per_epoch
+    return jnp.where(epoch < warmup, optimizer.warmup_learning_rate, cosine(epoch - warmup))
+  return schedule
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
-def make_optimizer(optimizer: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
+def make_optimizer(optimizer: ml_collections.ConfigDict, steps: int,
+                   steps_per_epoch: int = 1) -> optax.GradientTransformation:
   """`optimizer.name` on the schedule above, with torch's update rules: "adamw" (the default)
   decouples the weight decay (torch.optim.AdamW); "adam" and "sgd" add it to the gradient as an
   L2 term (torch.optim.Adam, torch.optim.SGD with `momentum`, as the Dassl-based baselines)."""
-  schedule = learning_rate_schedule(optimizer, steps)
+  schedule = learning_rate_schedule(optimizer, steps, steps_per_epoch)
   name = optimizer.get("name", "adamw")
   if name == "adamw":
     return optax.adamw(schedule, b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps,

@@ -30,4 +30,6 @@ def get_config(arg: str | None = None):
   c.eval_batch_size = 16
   if "views" in c:  # feature-cache methods
     c.views = min(c.views, 2)
+  if "maple" in c:  # prompts through both of the tiny model's 2 blocks
+    c.maple.depth = 2
   return c

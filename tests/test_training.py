@@ -112,8 +112,8 @@ def test_bad_run_config_is_a_user_error(key, value, message):
 
 def test_unknown_method_is_a_user_error():
   config = fewshot.get_config()
-  config.method = "coop"
-  with pytest.raises(UserError, match="config.method='coop': use one of lora, block_lora, llu"):
+  config.method = "plot"
+  with pytest.raises(UserError, match="config.method='plot': use one of lora, block_lora, llu"):
     methods.train_and_evaluate(config, "/nonexistent/never-written")
   with pytest.raises(UserError, match="no weight-space adapter"):
     lora_method.lora_config_from(config)

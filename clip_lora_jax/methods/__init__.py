@@ -13,7 +13,8 @@ identity (`base_name`, `base_config`, `base_fingerprint`), `few_shot` and `templ
 
 Shared pieces: `clip_lora_jax.training` (run start, loop, optimizer, checkpoints, results),
 `clip_lora_jax.features` (cached frozen embeddings), `feature_cache` (the whole run of a method
-that trains on cached features). Imports go one way: data, model, features, training <- methods
+that trains on cached features), `prompt_learning` (the whole run of a method that learns prompt
+tokens through the frozen towers). Imports go one way: data, model, features, training <- methods
 <- train.py, eval.py. This module imports them on first use only: config files read the
 registry without loading JAX or TensorFlow.
 """
@@ -56,6 +57,11 @@ METHODS: dict[str, Method] = {
     "tip_adapter": Method("tip_adapter", "tip_adapter"),
     "tip_adapter_f": Method("tip_adapter", "tip_adapter_f"),
     "gda": Method("gda", "gda"),
+    "coop": Method("coop", "coop"),
+    "kgcoop": Method("kgcoop", "kgcoop"),
+    "prograd": Method("prograd", "prograd"),
+    "cocoop": Method("cocoop", "cocoop"),
+    "maple": Method("maple", "maple"),
 }
 
 

@@ -1,6 +1,6 @@
-"""Every feature-cache method of the registry through train.py's entry point and eval.py, on the
-runlocal config (tiny random CLIP, mock EuroSAT): trains or solves, writes an adapter file that
-eval.py scores exactly as the run did, and round-trips. The LoRA family and LLU have their own
+"""Every feature-cache and prompt-learning method of the registry through train.py's entry point
+and eval.py, on the runlocal config (tiny random CLIP, mock EuroSAT): trains or solves, writes
+an adapter file that eval.py scores exactly as the run did, and round-trips. The LoRA family and LLU have their own
 end-to-end tests (tests/test_train_e2e.py, tests/test_llu_run.py)."""
 
 import json
@@ -9,14 +9,17 @@ import os
 import numpy as np
 import pytest
 
-from clip_lora_jax import methods
+from clip_lora_jax import base as base_lib
+from clip_lora_jax import inference, methods
 from clip_lora_jax.errors import UserError
-from clip_lora_jax.methods import feature_cache
+from clip_lora_jax.methods import feature_cache, prompt_learning
 from configs import runlocal
 from tests.test_train_e2e import load_eval_module
 
 FEATURE_METHODS = [name for name in methods.METHODS
                    if getattr(methods.get(name), "train_and_evaluate", None) is feature_cache.run]
+PROMPT_METHODS = [name for name in methods.METHODS
+                  if getattr(methods.get(name), "train_and_evaluate", None) is prompt_learning.run]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +35,11 @@ def config_for(name, cache_dir):
   return config
 
 
-def test_the_registry_has_the_feature_methods():
-  assert "zero_shot" in FEATURE_METHODS
+def test_the_registry_has_the_feature_and_prompt_methods():
+  assert "zero_shot" in FEATURE_METHODS and "coop" in PROMPT_METHODS
 
 
-@pytest.mark.parametrize("name", FEATURE_METHODS)
+@pytest.mark.parametrize("name", FEATURE_METHODS + PROMPT_METHODS)
 def test_method_trains_and_eval_py_scores_its_adapter(tmp_path, feature_cache_dir, name):
   config = config_for(name, feature_cache_dir)
   workdir = str(tmp_path / name)
@@ -53,6 +56,13 @@ def test_method_trains_and_eval_py_scores_its_adapter(tmp_path, feature_cache_di
   evaluated = load_eval_module().evaluate(config_for(name, feature_cache_dir), path, "test", "auto")
   assert evaluated["top1"] == pytest.approx(results["test_top1"])
   assert evaluated["count"] == results["test_count"]
+
+  if name in PROMPT_METHODS:  # learned prompts serve any class names (predict.py's classes)
+    base = base_lib.load_base_model(config.model, config.random_init, config.seed)
+    assert inference.fixed_class_count(base, adapter) is None
+    if name == "cocoop":  # the one whose class embeddings depend on the image
+      images = np.zeros((2, 32, 32, 3), np.float32)
+      assert methods.logits_fn(base, adapter, ["cat", "dog", "bird"], ())(images).shape == (2, 3)
 
   feature_cache.save_adapter(str(tmp_path / "again.safetensors"), adapter)
   assert open(tmp_path / "again.safetensors", "rb").read() == open(path, "rb").read()
