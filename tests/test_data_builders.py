@@ -173,7 +173,7 @@ def test_info_lists_the_numpy_choice_and_refuses_list_without_shots(tmp_path, ca
       "train\t0\t0000001.jpg", "train\t47\t0000003.jpg", "train\t73\t0000002.jpg",
       "val\t0\t0000004.jpg", "val\t73\t0000005.jpg"]
   code, out, err = run_cli(capsys, "info", "fgvc_aircraft", "--data_dir", data_dir, "--list")
-  assert code == 2 and "--seed, --sampler and --list need --shots" in err
+  assert code == 2 and "--seed, --sampler, --shot_lists and --list need --shots" in err
   code, out, err = run_cli(capsys, "info", "fgvc_aircraft", "--data_dir", data_dir, "--shots", "0")
   assert code == 2 and out == "" and err.startswith("error: few-shot fgvc_aircraft: shots must be")
 
