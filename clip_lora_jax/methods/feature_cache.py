@@ -234,6 +234,17 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   return 100.0 * float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
 
 
+def cross_entropy_loss(logits: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array,
+                                                                                 jax.Array]]:
+  """The `loss(params, x, labels, config) -> (mean cross-entropy, scores)` of a method whose
+  training objective is the plain cross-entropy of its `logits(params, x, config)`."""
+  def loss(params: model.Params, x: jax.Array, labels: jax.Array,
+           config: MethodConfig) -> tuple[jax.Array, jax.Array]:
+    scores = logits(params, x, config)
+    return optax.softmax_cross_entropy_with_integer_labels(scores, labels).mean(), scores
+  return loss
+
+
 def make_train_step(method: ModuleType, config: MethodConfig,
                     optimizer: optax.GradientTransformation) -> Callable:
   """A jitted `(state, x, labels) -> (state, metrics)` of `method.loss` with respect to the

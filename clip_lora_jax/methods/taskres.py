@@ -32,7 +32,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.methods import feature_cache, zero_shot
@@ -69,10 +68,7 @@ def logits(params: Params, x: jax.Array, config: Config) -> jax.Array:
   return zero_shot.SCALE * normalize(x) @ normalize(classifier(params, config)).T
 
 
-def loss(params: Params, x: jax.Array, labels: jax.Array,
-         config: Config) -> tuple[jax.Array, jax.Array]:
-  scores = logits(params, x, config)
-  return optax.softmax_cross_entropy_with_integer_labels(scores, labels).mean(), scores
+loss = feature_cache.cross_entropy_loss(logits)
 
 
 train_and_evaluate = feature_cache.run

@@ -45,7 +45,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from clip_lora_jax.errors import UserError
 from clip_lora_jax.methods import feature_cache
@@ -131,11 +130,8 @@ def logits(params: Params, x: jax.Array, config: Config) -> jax.Array:
                     frozen["alpha"], frozen["beta"])
 
 
-def loss(params: Params, x: jax.Array, labels: jax.Array,
-         config: Config) -> tuple[jax.Array, jax.Array]:
-  """Mean cross-entropy of the Tip logits (at the frozen alpha and beta)."""
-  scores = logits(params, x, config)
-  return optax.softmax_cross_entropy_with_integer_labels(scores, labels).mean(), scores
+# Mean cross-entropy of the Tip logits (at the frozen alpha and beta).
+loss = feature_cache.cross_entropy_loss(logits)
 
 
 def search_grid(scale: float, steps: int) -> np.ndarray:
